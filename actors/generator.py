@@ -1,0 +1,105 @@
+"""The generator: samples responses from the current policy π_t and takes the learner's weight pushes in place.
+
+A plain class; the driver makes it an actor with ``ray.remote(GeneratorActor)``. It owns one engine
+(``generators.engine``: vllm, hf or tabular, see :mod:`actors.engines`) for the whole campaign: a push replaces the
+weights inside the running engine and bumps :meth:`version`, which every sample record carries.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from actors.engines import SOURCES, build_engine
+
+PROMPT_KEYS = ("prompt_id", "prompt")
+
+
+class GeneratorActor:
+    """``config``: a ``CampaignConfig.model_dump(mode="json")``; ``rank``: this generator's index (seeds differ)."""
+
+    def __init__(self, config: dict, rank: int = 0):
+        self.config, self.rank = config, rank
+        self.engine = build_engine(config, rank)
+        self._version = 0
+        self._transport = None
+        self._tokens = 0
+        self._samples = 0
+        self._busy_s = 0.0
+        self._pushes = 0
+        self._push_s = 0.0
+
+    def ready(self) -> dict[str, Any]:
+        return {"rank": self.rank, "engine": self.engine.name, "version": self._version}
+
+    def version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: list[dict], n: int, source: str = "policy", seed: int | None = None) -> list[dict]:
+        """n sample records per prompt (``{"prompt_id", "prompt"}`` dicts), in prompt order, from ``source``:
+        ``policy`` (π_t), ``ref`` (π_ref) or ``mixture`` (Nash-MD's π_t^{1−β}·π_ref^{β}). ``seed`` makes the draw
+        reproducible; None continues this generator's own stream (seeded by campaign seed and rank)."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown sample source {source!r}; expected one of {SOURCES}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int (samples per prompt), got {n!r}")
+        for i, p in enumerate(prompts):
+            missing = [k for k in PROMPT_KEYS if not isinstance(p, dict) or k not in p]
+            if missing:
+                raise ValueError(f"prompts[{i}] lacks {missing}: each prompt is a dict with {list(PROMPT_KEYS)}")
+        start = time.perf_counter()
+        prompt_ids = [self.engine.encode_prompt(p["prompt_id"], p["prompt"]) for p in prompts]
+        drawn = self.engine.sample(prompt_ids, n, source, seed)
+        records = []
+        for p, ids, samples in zip(prompts, prompt_ids, drawn):
+            for index, sample in enumerate(samples):
+                records.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "prompt_ids": ids,
+                                "response": self.engine.decode_response(sample.ids), "response_ids": sample.ids,
+                                "logprob": sample.logprob, "version": self._version, "source": source,
+                                "sample_index": index})
+                self._tokens += len(sample.ids)
+        self._samples += len(records)
+        self._busy_s += time.perf_counter() - start
+        return records
+
+    def apply_weights(self, push, version: int) -> int:
+        """Load the weights of a :class:`trainers.weights.WeightPush` (safetensors bytes, an ObjectRef of them, or a
+        broadcast manifest) into the running engine; returns the new version."""
+        from trainers.weights import BroadcastManifest, WeightPush, payload_bytes
+        if not isinstance(push, WeightPush):
+            raise TypeError(f"apply_weights takes a trainers.weights.WeightPush, got {type(push).__name__}")
+        if push.version != version:
+            raise ValueError(f"weight push carries version {push.version} but apply_weights was told {version}")
+        if version < self._version:
+            raise ValueError(f"weight push version {version} is older than the loaded version {self._version}")
+        start = time.perf_counter()
+        if isinstance(push.payload, BroadcastManifest):
+            if self._transport is None:
+                raise RuntimeError("a broadcast push reached a generator that never joined the weight broadcast "
+                                   "(call join_weight_broadcast first)")
+            weights = self._transport.receive(push)
+        else:
+            weights = payload_bytes(push)
+        self.engine.load_weights(weights)
+        self._version = version
+        self._pushes += 1
+        self._push_s += time.perf_counter() - start
+        return self._version
+
+    def join_weight_broadcast(self, host: str, port: int, rank: int, world_size: int, backend: str = "nccl",
+                              timeout_s: float = 600.0) -> None:
+        """Join the learner's broadcast group as ``rank`` (≥ 1) of ``world_size``; later broadcast pushes are
+        received here, on this process's accelerator (the in-process vLLM worker shares it)."""
+        from trainers.weights import NcclBroadcastTransport
+        self._transport = NcclBroadcastTransport(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
+
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        """log π_θ(response | prompt) of fixed token sequences under the loaded weights (no temperature, no top-p)."""
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        return self.engine.sequence_logprobs(prompt_ids, response_ids)
+
+    def stats(self) -> dict[str, Any]:
+        return {"rank": self.rank, "engine": self.engine.name, "version": self._version, "samples": self._samples,
+                "tokens_generated": self._tokens, "busy_s": self._busy_s, "pushes": self._pushes,
+                "push_s": self._push_s}
