@@ -157,12 +157,25 @@ class RuleOracleConfig(Strict):
 
 
 class ModelOracleConfig(Strict):
-    """A judge backed by a model: an LLM judge, a reward model or a pairwise preference model."""
+    """A judge backed by a model: an LLM judge, a reward model or a pairwise preference model (oracles/)."""
     kind: Literal["llm_judge", "reward_model", "pairwise_model"]
     model: str
-    engine: Literal["hf", "vllm"] = "hf"
-    template: str | None = None
+    engine: Literal["hf", "vllm"] = Field("hf", description="vllm: llm_judge only")
+    template: str | None = Field(None, description="judging message with {prompt}, {a}, {b}; omitted: the default")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    both_orders: bool = Field(True, description="ask in both orders and average (removes position bias)")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass (hf engine)")
+    max_length: int = Field(2048, ge=16, description="tokens; longer judging prompts are dropped (llm_judge) or "
+                                                     "cut from the left (reward/pairwise models)")
+    kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE), vllm engine")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm engine on a GPU")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _engine_fits_kind(self) -> "ModelOracleConfig":
+        if self.engine == "vllm" and self.kind != "llm_judge":
+            raise ValueError(f"engine 'vllm' serves kind 'llm_judge' only; kind {self.kind!r} needs engine 'hf'")
+        return self
 
 
 class HTTPOracleConfig(Strict):
@@ -174,6 +187,9 @@ class HTTPOracleConfig(Strict):
     retries: int = Field(3, ge=0)
     concurrency: int = Field(8, ge=1)
     template: str | None = None
+    both_orders: bool = Field(True, description="ask in both orders and average (removes position bias)")
+    backoff_s: float = Field(0.5, ge=0, description="retry k waits backoff_s * 2**(k-1)")
+    top_logprobs: int = Field(20, ge=0, le=20, description="0: do not ask for log-probabilities, parse the text")
 
 
 class EnsembleOracleConfig(Strict):
@@ -188,6 +204,33 @@ OracleConfig = Annotated[
 EnsembleOracleConfig.model_rebuild()
 
 
+class AutoscalingConfig(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class JudgeServeConfig(Strict):
+    """The judge oracle as a Ray Serve deployment with an OpenAI-compatible /v1/chat/completions route
+    (oracles/serve.py), for HTTP judges to call. ``autoscaling`` replaces the fixed ``replicas`` when set."""
+    name: str = "judge"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    max_batch_size: int = Field(8, ge=1, description="requests batched into one forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    resources: Resources = Resources()
+
+
 class JudgeConfig(Strict):
     count: int = Field(1, ge=1)
     oracle: OracleConfig = Field(default_factory=lambda: RuleOracleConfig(kind="rule", rule="concise_answer"))
@@ -196,6 +239,7 @@ class JudgeConfig(Strict):
     retries: int = Field(2, ge=0)
     resources: Resources = Resources()
     timeout_s: float = Field(600, gt=0)
+    serve: JudgeServeConfig = JudgeServeConfig()
 
 
 # ------------------------------------------------------------------------------------------------ learner
@@ -273,6 +317,9 @@ class CampaignConfig(Strict):
         tabular = self.generators.engine == "tabular"
         if tabular and self.data.game is None:
             raise ValueError("generators.engine 'tabular' needs data.game (a JSON game file or builtin:NAME)")
+        if tabular and (self.learner.precision != "fp32" or self.learner.zero_stage == 3):
+            raise ValueError("generators.engine 'tabular' trains a logit table: it needs learner.precision 'fp32' "
+                             "and learner.zero_stage 0–2")
         if tabular and self.judges.oracle.kind != "matrix":
             raise ValueError("generators.engine 'tabular' needs judges.oracle.kind 'matrix'")
         if self.judges.oracle.kind == "matrix" and not tabular:

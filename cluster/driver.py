@@ -1,0 +1,325 @@
+"""The campaign driver: the round loop of an online preference-alignment campaign, top to bottom.
+
+    prompts  → generators sample K responses from π_t          (samples.parquet)
+             → judges label the planned comparisons             (judgements.parquet, judge-cache/)
+             → the algorithm turns them into training records   (train/, a Ray Data parquet dataset)
+             → the learner trains on its shards of that dataset (checkpoints/round-t/)
+             → weights of π_{t+1} are pushed to every generator
+             → evaluation, metrics, and state.json, last
+
+Every phase's output is persisted before the next phase starts and is reused when a resumed campaign finds it, so a
+crash loses at most the work of the phase in flight and nothing judged is ever paid for twice. The driver never
+touches model weights: it moves references to them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cluster.config import CampaignConfig, dump_config, load_config
+from cluster.progress import Progress
+from cluster.prompts import PromptSplit, load_prompts, split_prompts
+from cluster.run_dir import CampaignState, RunDir, atomic_write_json, read_table, write_table
+
+
+@dataclass
+class Roles:
+    """The campaign's Ray actors and the learner; ``config`` is the JSON form every actor is built from."""
+    config: dict
+    generators: list
+    judges: list
+    learner: object
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+def _get(refs, timeout_s: float, role: str):
+    """ray.get that turns a hang into an error naming the role."""
+    import ray
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{role} did not answer within {timeout_s:g}s") from None
+
+
+def generate(roles: Roles, prompts: list[dict], k: int, source: str, timeout_s: float) -> list[dict]:
+    """K samples per prompt from the generators, prompts spread round-robin over them."""
+    gens = roles.generators
+    chunks = [prompts[i::len(gens)] for i in range(len(gens))]
+    refs = [g.generate.remote(chunk, k, source) for g, chunk in zip(gens, chunks) if chunk]
+    return [s for part in _get(refs, timeout_s, f"generators ({source} samples)") for s in part]
+
+
+def judge(roles: Roles, comparisons: list[dict], timeout_s: float) -> list[dict]:
+    """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over the judges in contiguous chunks."""
+    if not comparisons:
+        return []
+    size = math.ceil(len(comparisons) / len(roles.judges))
+    refs = [j.judge.remote(comparisons[i * size:(i + 1) * size]) for i, j in enumerate(roles.judges)
+            if comparisons[i * size:(i + 1) * size]]
+    return [v for part in _get(refs, timeout_s, "judges") for v in part]
+
+
+def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[str, list[dict]],
+                rng: np.random.Generator) -> tuple[list[dict], dict[str, dict]]:
+    """Plan each prompt's comparisons, judge them all in one batch; judgement rows and {prompt: {(i, j): p}}."""
+    budget = cfg.judges.budget_per_round
+    per_prompt = None if budget is None else max(1, budget // max(1, len(by_prompt)))
+    planned = []
+    for prompt_id, samples in by_prompt.items():
+        for i, j in algorithm.plan(samples, cfg.judges.strategy, per_prompt, rng):
+            planned.append((prompt_id, i, j))
+    verdicts = judge(roles, [{"prompt": by_prompt[p][i]["prompt"], "a": by_prompt[p][i]["response"],
+                              "b": by_prompt[p][j]["response"]} for p, i, j in planned], cfg.judges.timeout_s)
+    rows, judged = [], {p: {} for p in by_prompt}
+    for (prompt_id, i, j), verdict in zip(planned, verdicts):
+        rows.append({"prompt_id": prompt_id, "i": i, "j": j, "prob": verdict["prob"], "reason": verdict["reason"],
+                     "cached": verdict["cached"]})
+        if verdict["prob"] is not None:
+            judged[prompt_id][(i, j)] = verdict["prob"]
+    return rows, judged
+
+
+def judged_from_rows(rows: list[dict], prompt_ids) -> dict[str, dict]:
+    judged = {p: {} for p in prompt_ids}
+    for row in rows:
+        if row["prob"] is not None:
+            judged[row["prompt_id"]][(row["i"], row["j"])] = row["prob"]
+    return judged
+
+
+def group_by_prompt(samples: list[dict]) -> dict[str, list[dict]]:
+    """Samples per prompt in a stable order: policy samples by index, then ref, then mixture samples."""
+    order = {"policy": 0, "ref": 1, "mixture": 2}
+    grouped: dict[str, list[dict]] = {}
+    for s in sorted(samples, key=lambda s: (s["prompt_id"], order[s["source"]], s["sample_index"])):
+        grouped.setdefault(s["prompt_id"], []).append(s)
+    return grouped
+
+
+def push_weights(roles: Roles, push, version: int, timeout_s: float) -> float:
+    """Every generator applies the same push (one object-store reference) in place; returns the seconds it took."""
+    start = time.perf_counter()
+    versions = _get([g.apply_weights.remote(push, version) for g in roles.generators], timeout_s,
+                    "weight push")
+    if any(v != version for v in versions):
+        raise RuntimeError(f"weight push: generators report versions {versions}, expected {version}")
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+class Campaign:
+    def __init__(self, cfg: CampaignConfig, run: RunDir, progress: Progress | None = None):
+        from trainers.algorithms import get_algorithm
+        self.cfg = cfg
+        self.run = run
+        self.algorithm = get_algorithm(cfg.algorithm.name)
+        self.progress = progress or Progress()
+        self.tabular = cfg.generators.engine == "tabular"
+        source = f"game:{cfg.data.game}" if self.tabular else cfg.data.prompts
+        prompts = load_prompts(source, cfg.data.prompt_field)
+        self.split: PromptSplit = split_prompts(prompts, 0.0 if self.tabular else cfg.data.eval_fraction,
+                                                cfg.data.shuffle_seed)
+
+    # ---------------------------------------------------------------- one round
+    def round(self, roles: Roles, t: int, version: int) -> dict:
+        cfg, run, algo, progress = self.cfg, self.run, self.algorithm, self.progress
+        round_dir = run.round_dir(t)
+        rng = np.random.default_rng([cfg.seed, t])
+        metrics: dict = {"round": t, "version": version}
+        timer = time.perf_counter
+
+        prompts = [p.as_dict() for p in self.split.for_round(t, cfg.schedule.prompts_per_round)]
+        samples_path = round_dir / "samples.parquet"
+        with progress.phase("generate", t) as ph:
+            if samples_path.exists():
+                samples = read_table(samples_path)
+            else:
+                t0 = timer()
+                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", cfg.generators.timeout_s)
+                if algo.ref_samples:
+                    samples += generate(roles, prompts, algo.ref_samples, "ref", cfg.generators.timeout_s)
+                if algo.mixture_samples:
+                    samples += generate(roles, prompts, cfg.schedule.samples_per_prompt * algo.mixture_samples,
+                                        "mixture", cfg.generators.timeout_s)
+                metrics["generate_s"] = timer() - t0
+                metrics["generated_tokens"] = sum(len(s["response_ids"]) for s in samples)
+                metrics["generate_tokens_per_s"] = metrics["generated_tokens"] / max(metrics["generate_s"], 1e-9)
+                write_table(samples_path, samples)
+            ph.done(f"{len(samples)} samples")
+        by_prompt = group_by_prompt(samples)
+        policy = [s for s in samples if s["source"] == "policy"]
+        metrics["mean_response_tokens"] = float(np.mean([len(s["response_ids"]) for s in policy]))
+
+        judgements_path = round_dir / "judgements.parquet"
+        with progress.phase("judge", t) as ph:
+            if judgements_path.exists():
+                rows = read_table(judgements_path)
+                judged = judged_from_rows(rows, by_prompt)
+            else:
+                t0 = timer()
+                rows, judged = judge_round(roles, cfg, algo, by_prompt, rng)
+                metrics["judge_s"] = timer() - t0
+                write_table(judgements_path, rows)
+            metrics["judge_comparisons"] = len(rows)
+            metrics["judge_cached"] = sum(bool(r["cached"]) for r in rows)
+            metrics["judge_dropped"] = sum(r["prob"] is None for r in rows)
+            ph.done(f"{len(rows)} comparisons, {metrics['judge_dropped']} dropped")
+
+        train_dir = round_dir / "train"
+        records = [r for p, s in by_prompt.items() for r in algo.build_records(s, judged[p], cfg.algorithm)]
+        metrics["train_records"] = len(records)
+        if not records:
+            raise RuntimeError(f"round {t}: no training records (all {len(rows)} comparisons dropped or tied); "
+                               f"see {judgements_path}")
+        dataset = self._persist_dataset(records, train_dir)
+
+        checkpoint = run.checkpoint_dir(t)
+        with progress.phase("train", t) as ph:
+            if run.complete_checkpoint(t):  # trained before a crash: reuse, never train twice
+                result = self._result_from_checkpoint(checkpoint, version + 1)
+            else:
+                result = roles.learner.train_round(t, dataset.split(self.cfg.learner.workers, equal=True),
+                                                   checkpoint, version + 1)
+            ph.done(f"loss {result['loss']:.4f}")
+        weights = result.pop("weights")
+        metrics.update({k: v for k, v in result.items() if k != "round"})
+
+        with progress.phase("push", t) as ph:
+            metrics["push_s"] = push_weights(roles, weights, version + 1, cfg.generators.timeout_s)
+            ph.done(f"version {version + 1}")
+        if self.cfg.evaluation.every_rounds and (t + 1) % self.cfg.evaluation.every_rounds == 0:
+            with progress.phase("eval", t) as ph:
+                metrics.update(self.evaluate(roles, weights))
+                ph.done(_eval_summary(metrics))
+        atomic_write_json(round_dir / "metrics.json", metrics)
+        return metrics
+
+    def _persist_dataset(self, records: list[dict], train_dir: Path):
+        """The round's training data as a Ray Data dataset, written as parquet before any training starts."""
+        import ray.data
+        if not (train_dir / "_SUCCESS").exists():
+            tmp = train_dir.with_name("train.tmp")
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+            ray.data.from_items(records).write_parquet(str(tmp))
+            (tmp / "_SUCCESS").write_text(str(len(records)))
+            shutil.rmtree(train_dir, ignore_errors=True)
+            tmp.rename(train_dir)
+        return ray.data.read_parquet(str(train_dir), file_extensions=["parquet"])
+
+    def _result_from_checkpoint(self, checkpoint: Path, version: int) -> dict:
+        """A round's learner result rebuilt from its complete checkpoint: the metrics saved in its marker and a push
+        of its safetensors weights."""
+        import json
+
+        from safetensors.torch import load_file
+        from trainers.weights import ObjectStoreTransport
+        marker = json.loads((checkpoint / "COMPLETE").read_text())
+        state = {k: v for f in sorted(checkpoint.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+        return {**marker["metrics"], "weights": ObjectStoreTransport().publish(state, version),
+                "from_checkpoint": True}
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, roles: Roles, push) -> dict:
+        from cluster.evaluation import evaluate_round
+        return evaluate_round(self, roles, push)
+
+    # ---------------------------------------------------------------- the campaign
+    def start_roles(self, state: CampaignState) -> Roles:
+        import ray
+        from actors.generator import GeneratorActor
+        from actors.judge import JudgeActor
+        from cluster.placement import actor_options, check_placeable
+        from trainers.learner import Learner
+
+        cfg = self.cfg
+        check_placeable(cfg)
+        config = cfg.model_dump(mode="json")
+        generators = [ray.remote(GeneratorActor).options(**actor_options(cfg.generators.resources),
+                                                         name=None).remote(config, rank)
+                      for rank in range(cfg.generators.count)]
+        judges = [ray.remote(JudgeActor).options(**actor_options(cfg.judges.resources)).remote(
+            cfg.judges.oracle.model_dump(mode="json"), str(self.run.judge_cache), cfg.judges.retries,
+            cfg.data.game) for _ in range(cfg.judges.count)]
+        # A crash between a round's checkpoint and its state.json leaves a newer complete checkpoint: the learner
+        # continues from it (that round is then finished from its files, not trained again).
+        newest = self.run.complete_checkpoint(state.rounds_completed)
+        learner = Learner(config, self.run.root, resume_from=str(newest) if newest else state.checkpoint)
+        _get([g.ready.remote() for g in generators], cfg.generators.timeout_s, "generators (start)")
+        _get([j.ready.remote() for j in judges], cfg.judges.timeout_s, "judges (start)")
+        return Roles(config, generators, judges, learner)
+
+    def run_rounds(self, roles: Roles, state: CampaignState) -> CampaignState:
+        cfg, run = self.cfg, self.run
+        if state.checkpoint:  # generators start from the base model: bring them to the resumed version
+            weights = self._result_from_checkpoint(Path(state.checkpoint), state.version)["weights"]
+            push_weights(roles, weights, state.version, cfg.generators.timeout_s)
+        elif cfg.evaluation.every_rounds:
+            from cluster.evaluation import ensure_baseline
+            ensure_baseline(self, roles)
+        for t in range(state.rounds_completed, cfg.schedule.rounds):
+            metrics = self.round(roles, t, state.version)
+            state = CampaignState(rounds_completed=t + 1, version=state.version + 1,
+                                  checkpoint=str(run.checkpoint_dir(t)))
+            run.append_metrics(metrics)
+            run.write_state(state)  # last: a crash before this line replays (from its files) only this round
+            run.prune_checkpoints(cfg.storage.keep_checkpoints, protect=t)
+            self.progress.round_summary(metrics)
+        return state
+
+
+def _eval_summary(m: dict) -> str:
+    parts = []
+    if m.get("win_rate_vs_initial") is not None:
+        parts.append(f"win rate vs initial {m['win_rate_vs_initial']:.3f}")
+    if m.get("regularized_exploitability") is not None:
+        parts.append(f"reg. exploitability {m['regularized_exploitability']:.2e}")
+    return ", ".join(parts)
+
+
+def run_campaign(config_path: str | None = None, resume: str | None = None, overrides: dict | None = None,
+                 progress: Progress | None = None) -> RunDir:
+    """Start (or resume) a campaign and run it to its last round; returns its run directory."""
+    from cluster.ray_util import init_local_ray
+
+    if resume:
+        run = RunDir(resume)
+        cfg = load_config(run.config_path, overrides)
+        run.check_writable()
+        state = run.read_state()
+        if state.checkpoint and not run.complete_checkpoint(state.rounds_completed - 1):
+            raise RuntimeError(f"{run.root}: state.json names checkpoint {state.checkpoint}, which is incomplete")
+        if overrides:  # the resumed config, e.g. with more generators, is the one in force from now on
+            from cluster.run_dir import atomic_write_bytes
+            atomic_write_bytes(run.config_path, dump_config(cfg).encode())
+    else:
+        cfg = load_config(config_path, overrides)
+        run = RunDir(cfg.storage.run_dir)
+        run.create(dump_config(cfg))
+        state = run.read_state()
+    campaign = Campaign(cfg, run, progress)
+    init_local_ray(num_cpus=_local_cpus(cfg), object_store_gib=cfg.cluster.object_store_gib,
+                   address=cfg.cluster.address, bind_host=cfg.cluster.bind_host)
+    roles = campaign.start_roles(state)
+    try:
+        campaign.run_rounds(roles, state)
+    finally:
+        roles.learner.shutdown()
+    return run
+
+
+def _local_cpus(cfg: CampaignConfig) -> int:
+    """Logical CPUs for a local cluster: what the actors reserve plus room for Ray Data's read/write tasks (the
+    phases run one after another, so the cores are shared in time, not oversubscribed)."""
+    reserved = (cfg.generators.count * cfg.generators.resources.num_cpus
+                + cfg.judges.count * cfg.judges.resources.num_cpus
+                + cfg.learner.workers * cfg.learner.resources.num_cpus)
+    return int(math.ceil(reserved)) + 2

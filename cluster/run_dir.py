@@ -1,0 +1,165 @@
+"""The run directory: everything a campaign persists, written so that a crash at any point loses at most the round
+in flight.
+
+    RUN_DIR/
+      config.yaml               resolved config (secrets are never in it: only names of environment variables)
+      state.json                last completed round and policy version — written atomically, last in a round
+      rounds/t/                 samples.parquet, judgements.parquet, train/ (Ray Data parquet), metrics.json
+      checkpoints/round-t/      HF safetensors + tokenizer, deepspeed/ optimizer state, COMPLETE marker
+      judge-cache/              judgements by (prompt, a, b, oracle)
+      eval/                     the initial policy's responses to the held-out prompts
+      metrics.jsonl             one line per round
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainers.learner import CHECKPOINT_DONE
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (unwritable, full, or not a nashray run)."""
+
+
+@dataclass
+class CampaignState:
+    """What a resumed campaign needs beyond the files of its rounds. The prompt cursor and per-round RNG seeds are
+    derived from ``rounds_completed`` and the config's seed, so they cannot drift from it."""
+    rounds_completed: int = 0
+    version: int = 0
+    checkpoint: str | None = None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise RunDirError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    """A parquet file written whole or not at all."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_table(path: Path) -> list[dict]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise RunDirError(f"{path} is not a readable parquet file: {err}") from err
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.root / "judge-cache"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def round_dir(self, t: int) -> Path:
+        return self.root / "rounds" / f"{t:04d}"
+
+    def checkpoint_dir(self, t: int) -> Path:
+        return self.root / "checkpoints" / f"round-{t:04d}"
+
+    # ------------------------------------------------------------------ lifecycle
+    def create(self, config_yaml: str) -> None:
+        if self.state_path.exists():
+            raise RunDirError(f"{self.root} already holds a campaign: resume it with `nashray run --resume "
+                              f"{self.root}` or choose another storage.run_dir")
+        self.check_writable()
+        atomic_write_bytes(self.config_path, config_yaml.encode())
+        self.write_state(CampaignState())
+
+    def check_writable(self, min_free_gib: float = 1.0) -> None:
+        """Fail before any work if the run directory cannot take a round's files."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as err:
+            raise RunDirError(f"run directory {self.root} is not writable: {err.strerror or err}") from err
+        free = shutil.disk_usage(self.root).free / 2**30
+        if free < min_free_gib:
+            raise RunDirError(f"run directory {self.root} has {free:.2f} GiB free; a round needs at least "
+                              f"{min_free_gib:g} GiB (checkpoints)")
+
+    def read_state(self) -> CampaignState:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.root} is not a nashray run directory: no state.json") from None
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{self.state_path} is corrupt: {err}") from None
+        try:
+            return CampaignState(**data)
+        except TypeError as err:
+            raise RunDirError(f"{self.state_path} has unexpected fields: {err}") from None
+
+    def write_state(self, state: CampaignState) -> None:
+        atomic_write_json(self.state_path, asdict(state))
+
+    def complete_checkpoint(self, t: int) -> Path | None:
+        path = self.checkpoint_dir(t)
+        return path if (path / CHECKPOINT_DONE).is_file() else None
+
+    def prune_checkpoints(self, keep: int, protect: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints (never the one of round ``protect``)."""
+        done = sorted(p for p in (self.root / "checkpoints").glob("round-*") if (p / CHECKPOINT_DONE).is_file())
+        for path in done[:-keep]:
+            if path.name != f"round-{protect:04d}":
+                shutil.rmtree(path, ignore_errors=True)
+
+    def append_metrics(self, metrics: dict) -> None:
+        line = json.dumps(metrics, sort_keys=True) + "\n"
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(line)
+        except OSError as err:
+            raise RunDirError(f"cannot append to {self.metrics_path}: {err.strerror or err}") from err
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]

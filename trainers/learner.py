@@ -1,0 +1,388 @@
+"""The learner: Ray Train ``TorchTrainer`` workers, each running one DeepSpeed engine, alive for the whole campaign.
+
+``TorchTrainer.fit()`` is started once, in a background thread of the driver, and never returns until the campaign
+ends: model, reference model and optimizer are built once, not per round. The driver and the workers talk through a
+small mailbox actor: the driver posts "train round t on these dataset shards"; every worker takes its shard, computes
+the log-probs the algorithm needs (π_t before the round's first update, π_ref from a frozen copy), trains the
+configured epochs, and saves the round's checkpoint; rank 0 then posts the metrics and the encoded weights of version
+t+1, which the driver pushes to the generators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STOP = "stop"
+CHECKPOINT_DONE = "COMPLETE"
+
+
+class LearnerMailbox:
+    """Driver ↔ learner-worker messages. Made an async Ray actor, so waiting workers never block the driver's posts."""
+
+    def __init__(self):
+        self._tasks: dict[int, dict] = {}
+        self._results: dict[int, dict] = {}
+        self._errors: list[str] = []
+        self._changed = asyncio.Condition()
+
+    async def _notify(self):
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def post_task(self, seq: int, task: dict) -> None:
+        self._tasks[seq] = task
+        await self._notify()
+
+    async def next_task(self, seq: int, timeout_s: float = 30.0) -> dict | None:
+        """The task numbered ``seq``, or None after ``timeout_s`` (the worker asks again: short polls survive RPC
+        timeouts and let a worker notice a dead driver)."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: seq in self._tasks), timeout_s)
+            except asyncio.TimeoutError:
+                return None
+        return self._tasks[seq]
+
+    async def post_result(self, seq: int, result: dict) -> None:
+        self._results[seq] = result
+        await self._notify()
+
+    async def post_error(self, message: str) -> None:
+        self._errors.append(message)
+        await self._notify()
+
+    async def wait_result(self, seq: int, timeout_s: float) -> dict | None:
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: seq in self._results or self._errors),
+                                       timeout_s)
+            except asyncio.TimeoutError:
+                return None
+        if self._errors:
+            raise RuntimeError("learner worker failed: " + " | ".join(self._errors))
+        return self._results.pop(seq)
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+def deepspeed_config(learner: dict, world_size: int) -> dict:
+    """The DeepSpeed config a learner section asks for. The optimizer is a torch one passed to ``initialize`` (a
+    config-defined optimizer compiles a C++ op on CPU)."""
+    precision = learner["precision"]
+    return {
+        "train_micro_batch_size_per_gpu": learner["micro_batch_size"],
+        "gradient_accumulation_steps": learner["gradient_accumulation"],
+        "train_batch_size": learner["micro_batch_size"] * learner["gradient_accumulation"] * world_size,
+        "gradient_clipping": learner["optimizer"]["grad_clip"],
+        "zero_optimization": {"stage": learner["zero_stage"]},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(params, opt: dict):
+    import torch
+    kinds = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    return kinds[opt["name"]](params, lr=opt["lr"], weight_decay=opt["weight_decay"])
+
+
+class SequenceScorer:
+    """log π(y | x) for a batch of (prompt_ids, response_ids), for an HF causal LM or a tabular policy, through the
+    DeepSpeed engine's forward when one is given (ZeRO-3 needs its hooks)."""
+
+    def __init__(self, tabular: bool, pad_id: int = 0):
+        self.tabular = tabular
+        self.pad_id = pad_id
+
+    def __call__(self, model, prompt_ids: list[list[int]], response_ids: list[list[int]]):
+        if self.tabular:
+            module = getattr(model, "module", model)
+            return module.sequence_logprobs(prompt_ids, response_ids)
+        from trainers.logprobs import causal_lm_sequence_logprobs
+        return causal_lm_sequence_logprobs(model, prompt_ids, response_ids, self.pad_id)
+
+
+def build_policy(config: dict):
+    """(policy module, reference module or None, scorer, tokenizer or None) for a campaign config."""
+    from trainers.models import load_causal_lm, load_tokenizer
+    model_cfg = config["model"]
+    if config["generators"]["engine"] == "tabular":
+        from oracles.games import load_game
+        from trainers.tabular import TabularPolicy
+        game = load_game(config["data"]["game"])
+        return TabularPolicy(game.pi_ref), TabularPolicy(game.pi_ref), SequenceScorer(tabular=True), None
+    tokenizer = load_tokenizer(model_cfg["path"])
+    policy = load_causal_lm(model_cfg["path"], "float32", model_cfg["trust_remote_code"])
+    reference = load_causal_lm(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
+    return policy, reference, SequenceScorer(tabular=False, pad_id=tokenizer.pad_token_id), tokenizer
+
+
+@dataclass
+class RoundBatch:
+    rows: list[dict]
+
+    def sequences(self, key: str) -> tuple[list[list[int]], list[list[int]]]:
+        return [list(r["prompt_ids"]) for r in self.rows], [list(r[f"{key}_ids"]) for r in self.rows]
+
+    def tensors(self) -> dict:
+        import torch
+        return {name: torch.tensor([float(r[name]) for r in self.rows], dtype=torch.float64)
+                for name in ("target", "a_score", "b_score")}
+
+
+def _score(scorer, model, batch: RoundBatch, keys: tuple[str, ...], prefix: str) -> dict:
+    """One forward over every sequence the loss needs (a, b, x stacked), split back per key."""
+    prompts, responses, sizes = [], [], []
+    for key in keys:
+        p, r = batch.sequences(key)
+        prompts += p
+        responses += r
+        sizes.append(len(p))
+    logps = scorer(model, prompts, responses).double().split(sizes)
+    return {f"{prefix}_{key}": lp for key, lp in zip(keys, logps)}
+
+
+def _gathered_state_dict(engine, zero_stage: int) -> dict:
+    """The full module state dict (all ranks must call this under ZeRO-3; only rank 0's result is used)."""
+    import deepspeed
+    module = engine.module
+    if zero_stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, metrics: dict) -> None:
+    """checkpoints/round-t/: HF safetensors (+ tokenizer) and DeepSpeed's optimizer state, written to a temporary
+    folder and renamed, with a COMPLETE marker last: a torn checkpoint is never picked on resume."""
+    import torch.distributed as dist
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    dist.barrier()
+    if rank == 0:
+        module = engine.module
+        if hasattr(module, "save_pretrained"):
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        else:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / CHECKPOINT_DONE).write_text(json.dumps({"round": metrics["round"], "metrics": metrics}))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        os.replace(tmp, ckpt_dir)
+    dist.barrier()
+
+
+def learner_loop(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker: build once, then serve rounds from the mailbox until told to stop."""
+    import deepspeed
+    import numpy as np
+    import ray
+    import ray.train
+    import torch
+
+    from trainers.algorithms import get_algorithm
+    from trainers.weights import ObjectStoreTransport
+
+    config = loop_config["config"]
+    learner_cfg = config["learner"]
+    mailbox = ray.get_actor(loop_config["mailbox"], namespace=loop_config["namespace"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = learner_cfg["threads_per_worker"] or max(1, int(loop_config["cpus_per_worker"]))
+    torch.set_num_threads(threads)
+    torch.manual_seed(config["seed"] + rank)
+
+    try:
+        algorithm = get_algorithm(config["algorithm"]["name"])
+        from cluster.config import CampaignConfig
+        algo_cfg = CampaignConfig.model_validate(config).algorithm
+        policy, reference, scorer, tokenizer = build_policy(config)
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+        optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], learner_cfg["optimizer"])
+        engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
+                                          config=deepspeed_config(learner_cfg, world))
+        resume_from = loop_config.get("resume_from")
+        if resume_from:
+            engine.load_checkpoint(str(Path(resume_from) / "deepspeed"), tag="state")
+    except Exception as err:  # the driver waits on the mailbox: tell it why, then let Ray Train see the failure
+        ray.get(mailbox.post_error.remote(f"rank {rank} could not start: {type(err).__name__}: {err}"))
+        raise
+
+    keys = algorithm.sequences
+    rng = np.random.default_rng(config["seed"] + 1000 * rank)
+    seq = 0
+    while True:
+        task = ray.get(mailbox.next_task.remote(seq))
+        if task is None:
+            continue
+        seq += 1
+        if task["kind"] == STOP:
+            return
+        try:
+            result = _train_round(task, rank, world, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
+                                  learner_cfg)
+            state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
+            _save_checkpoint(engine, state, tokenizer, Path(task["checkpoint_dir"]), rank, result)
+            if rank == 0:
+                t0 = time.perf_counter()
+                push = ObjectStoreTransport().publish(state, task["version"])
+                result.update(weights=push, encode_s=time.perf_counter() - t0, weights_nbytes=push.nbytes)
+                ray.get(mailbox.post_result.remote(seq - 1, result))
+        except Exception as err:
+            ray.get(mailbox.post_error.remote(f"rank {rank}, round {task.get('round')}: "
+                                              f"{type(err).__name__}: {err}"))
+            raise
+
+
+def _train_round(task, rank, world, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    t_start = time.perf_counter()
+    shard = task["shards"][rank]
+    rows = list(shard.iter_rows())
+    # Every worker must take the same number of optimizer steps (collectives in lockstep).
+    local_steps = torch.tensor([math.ceil(len(rows) / learner_cfg["micro_batch_size"])])
+    dist.all_reduce(local_steps, op=dist.ReduceOp.MIN)
+    steps_per_epoch = int(local_steps.item())
+    mbs = learner_cfg["micro_batch_size"]
+
+    chunks: list[dict] = []  # π_t and π_ref log-probs, computed once, before the round's first update
+    engine.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), mbs):
+            batch = RoundBatch(rows[start:start + mbs])
+            lp = {}
+            if algorithm.needs_pi_t:
+                lp.update(_score(scorer, engine, batch, tuple(k for k in keys if k != "x"), "t"))
+            if algorithm.needs_ref:
+                lp.update(_score(scorer, reference, batch, keys, "ref"))
+            chunks.append(lp)
+    fixed = {name: torch.cat([c[name] for c in chunks]) for name in (chunks[0] if chunks else {})}
+    t_logprobs = time.perf_counter() - t_start
+
+    engine.train()
+    losses, kls, tokens = [], [], 0
+    for _ in range(learner_cfg["epochs_per_round"]):
+        order = rng.permutation(len(rows))
+        for step in range(steps_per_epoch):
+            idx = order[step * mbs:(step + 1) * mbs]
+            batch = RoundBatch([rows[i] for i in idx])
+            lp = _score(scorer, engine, batch, keys, "theta")
+            lp.update({name: values[torch.as_tensor(idx)] for name, values in fixed.items()})
+            loss = algorithm.loss(lp, batch.tensors(), algo_cfg).mean()
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            if "ref_a" in lp:
+                kls.append(float((lp["theta_a"].detach() - lp["ref_a"]).mean()))
+            tokens += sum(len(r["prompt_ids"]) + len(r["a_ids"]) + len(r["b_ids"]) + len(r["x_ids"])
+                          for r in batch.rows)
+    train_s = time.perf_counter() - t_start - t_logprobs
+    stats = torch.tensor([sum(losses), len(losses), sum(kls), len(kls), tokens], dtype=torch.float64)
+    dist.all_reduce(stats)
+    return {
+        "round": task["round"],
+        "rows": len(rows) * world,
+        "steps": steps_per_epoch * learner_cfg["epochs_per_round"],
+        "loss": float(stats[0] / max(stats[1], 1)),
+        "kl_to_ref": float(stats[2] / stats[3]) if stats[3] else None,
+        "train_tokens": int(stats[4]),
+        "logprob_s": t_logprobs,
+        "train_s": train_s,
+        "train_tokens_per_s": float(stats[4]) / max(train_s, 1e-9),
+    }
+
+
+# ------------------------------------------------------------------------------------------ driver side
+
+class Learner:
+    """The driver's handle on the persistent learner: ``train_round`` posts a round and waits for its result."""
+
+    def __init__(self, config: dict, run_dir: Path, resume_from: str | None = None):
+        import ray
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from cluster.config import LearnerConfig
+        from cluster.placement import learner_scaling
+
+        self.config = config
+        self.timeout_s = config["learner"]["timeout_s"]
+        self.namespace = ray.get_runtime_context().namespace
+        self.mailbox_name = f"nashray-learner-mailbox-{os.getpid()}-{time.time_ns()}"
+        self.mailbox = ray.remote(LearnerMailbox).options(
+            name=self.mailbox_name, num_cpus=0, max_concurrency=64).remote()
+        scaling = learner_scaling(LearnerConfig.model_validate(config["learner"]))
+        self.trainer = TorchTrainer(
+            learner_loop,
+            train_loop_config={"config": config, "mailbox": self.mailbox_name, "namespace": self.namespace,
+                               "resume_from": resume_from,
+                               "cpus_per_worker": config["learner"]["resources"]["num_cpus"]},
+            scaling_config=ScalingConfig(**scaling),
+            run_config=RunConfig(name="learner", storage_path=str(Path(run_dir).resolve() / "ray-train"),
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        self._seq = 0
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._fit, name="nashray-learner", daemon=True)
+        self._thread.start()
+
+    def _fit(self):
+        try:
+            self.trainer.fit()
+        except BaseException as err:  # surfaced by the next train_round
+            self._failure = err
+
+    def _post(self, task: dict) -> int:
+        import ray
+        seq = self._seq
+        ray.get(self.mailbox.post_task.remote(seq, task))
+        self._seq += 1
+        return seq
+
+    def train_round(self, round_index: int, shards: list, checkpoint_dir: Path, version: int) -> dict:
+        """Train one round on per-worker dataset shards; returns the metrics and ``weights``, the
+        :class:`~trainers.weights.WeightPush` of the new policy ``version``."""
+        import ray
+        seq = self._post({"kind": "train", "round": round_index, "shards": shards, "version": version,
+                          "checkpoint_dir": str(checkpoint_dir)})
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self._failure is not None:
+                raise RuntimeError(f"learner failed: {self._failure}") from self._failure
+            if not self._thread.is_alive():
+                raise RuntimeError("learner stopped before finishing round "
+                                   f"{round_index}")
+            result = ray.get(self.mailbox.wait_result.remote(seq, 5.0))
+            if result is not None:
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"learner: round {round_index} did not finish within learner.timeout_s="
+                                   f"{self.timeout_s:g}s")
+
+    def shutdown(self, timeout_s: float = 60) -> None:
+        import ray
+        if self._thread.is_alive():
+            self._post({"kind": STOP})
+            self._thread.join(timeout_s)
+        ray.kill(self.mailbox)
