@@ -1,0 +1,224 @@
+"""Placement on a real multi-node Ray cluster: custom resources put generators and learner workers on their own nodes.
+
+The cluster has three nodes on 127.0.0.1, each a separate raylet with its own object store, as KubeRay worker groups
+would be: a head, an ``inference`` node and a ``training`` node. They are started with Ray's ``cluster_utils.Cluster``
+rather than ``ray start``: a worker node's ``ray start --address`` refuses to run while
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and without that variable Ray swaps 127.0.0.1 for the machine's interface
+address and every raylet listens on all interfaces. ``Cluster`` starts the same processes and keeps them on
+loopback; the fixture stops exactly the processes it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+
+import pytest
+
+from cluster.config import Resources, parse_config
+from cluster.placement import NodeShape, actor_options, check_placeable, cluster_shapes, learner_scaling
+
+NODE_RESOURCES = {"inference": {"inference": 2}, "training": {"training": 1}}
+OBJECT_STORE_BYTES = 80 * 2**20
+
+
+@dataclass(frozen=True)
+class MultinodeCluster:
+    address: str                # the GCS address, for ray.init(address=...) or cluster.address in a campaign config
+    head_node_id: str
+    node_ids: dict[str, str]    # custom resource name → id of the one node that offers it
+    temp_dir: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def multinode_cluster():
+    """A head (1 CPU) plus one worker node per entry of NODE_RESOURCES (2 CPUs each), all on 127.0.0.1.
+
+    Ray writes a "current cluster" file under RAY_TMPDIR and serves metrics on fixed default ports; both are made
+    private here so that clusters of other test sessions on the same machine neither find nor collide with this
+    one."""
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="nr-mn-", dir="/tmp")  # short: Ray's socket paths live under it
+    cluster = None
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env.setenv("RAY_TMPDIR", temp_dir)
+        env.setenv("AUTOSCALER_METRIC_PORT", str(_free_port()))
+        env.setenv("DASHBOARD_METRIC_PORT", str(_free_port()))
+        try:
+            common = dict(node_ip_address="127.0.0.1", object_store_memory=OBJECT_STORE_BYTES)
+            cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
+                num_cpus=1, include_dashboard=False, temp_dir=os.path.join(temp_dir, "ray"), **common))
+            node_ids = {name: cluster.add_node(num_cpus=2, resources=res, **common).node_id
+                        for name, res in NODE_RESOURCES.items()}
+            cluster.wait_for_nodes()
+            yield MultinodeCluster(cluster.address, cluster.head_node.node_id, node_ids, temp_dir)
+        finally:
+            if cluster is not None:
+                cluster.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def multinode_driver(multinode_cluster):
+    """This process connected as a driver to ``multinode_cluster``."""
+    import ray
+    if ray.is_initialized():  # a session-wide local cluster of another module
+        ray.shutdown()
+    ray.init(address=multinode_cluster.address, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _where_am_i():
+    """A plain actor class reporting its node, made here so that Ray ships it by value (workers cannot import
+    test modules)."""
+    class WhereAmI:
+        def node_id(self) -> str:
+            import ray
+            return ray.get_runtime_context().get_node_id()
+    return WhereAmI
+
+
+# ------------------------------------------------------------------------- pure logic: no cluster needed
+
+def test_actor_options_and_learner_scaling_build_what_ray_accepts():
+    from ray.train import ScalingConfig
+    res = Resources(num_cpus=2, num_gpus=0.5, custom={"inference": 1})
+    assert actor_options(res) == {"num_cpus": 2, "num_gpus": 0.5, "resources": {"inference": 1}}
+
+    cfg = parse_config({"learner": {"workers": 3, "resources": {"num_cpus": 4, "num_gpus": 1,
+                                                                "custom": {"training": 1}}}})
+    kwargs = learner_scaling(cfg.learner)
+    assert kwargs == {"num_workers": 3, "use_gpu": True, "placement_strategy": "PACK",
+                      "resources_per_worker": {"CPU": 4, "GPU": 1, "training": 1}}
+    scaling = ScalingConfig(**kwargs)
+    assert scaling.num_workers == 3 and scaling.placement_strategy == "PACK"
+    assert scaling._resources_per_worker_not_none == {"CPU": 4, "GPU": 1, "training": 1}
+
+    cpu_only = learner_scaling(parse_config({}).learner)
+    assert cpu_only["use_gpu"] is False and "GPU" not in cpu_only["resources_per_worker"]
+
+
+def test_custom_resources_may_not_name_what_ray_reserves():
+    with pytest.raises(ValueError, match=r"resources.custom names 'GPU'.*num_gpus"):
+        actor_options(Resources(custom={"GPU": 1}))
+    cfg = parse_config({"learner": {"resources": {"custom": {"CPU": 2}}}})
+    with pytest.raises(ValueError, match=r"learner.resources.custom names 'CPU'"):
+        check_placeable(cfg, [NodeShape({"CPU": 8})])
+
+
+KUBERAY_LIKE = [NodeShape({"CPU": 4}), NodeShape({"CPU": 8, "GPU": 1, "inference": 1}, 4),
+                NodeShape({"CPU": 16, "GPU": 8, "training": 8}, 1), NodeShape({"CPU": 2, "judge": 1}, None)]
+
+
+def _campaign(generators=1, learner=1, judges=1, **learner_res):
+    return parse_config({
+        "generators": {"count": generators, "resources": {"num_gpus": 1, "custom": {"inference": 1}}},
+        "judges": {"count": judges, "resources": {"custom": {"judge": 1}}},
+        "learner": {"workers": learner, "resources": {"num_gpus": 1, "custom": {"training": 1}, **learner_res}}})
+
+
+def test_check_placeable_accepts_what_fits():
+    check_placeable(_campaign(generators=4, learner=8, judges=50), KUBERAY_LIKE)  # judges: group without bound
+
+
+@pytest.mark.parametrize(("campaign", "shapes", "message"), [
+    (_campaign(learner=9), KUBERAY_LIKE,
+     "learner.workers=9 × {'CPU': 1, 'GPU': 1, 'training': 1} cannot be placed: the cluster has training=8"),
+    (_campaign(generators=5), KUBERAY_LIKE,
+     "generators.count=5 × {'CPU': 1, 'GPU': 1, 'inference': 1} cannot be placed: the cluster has inference=4"),
+    # the training nodes have 8 CPUs in all, but a worker cannot span nodes: a node of 4 CPUs holds one of 3
+    (_campaign(learner=3, num_cpus=3), [*KUBERAY_LIKE[:2], NodeShape({"CPU": 4, "GPU": 2, "training": 2}, 2), KUBERAY_LIKE[3]],
+     "learner.workers=3 × {'CPU': 3, 'GPU': 1, 'training': 1} cannot be placed: each needs all of it on one node, "
+     "and the nodes hold at most 2 of them"),
+])
+def test_check_placeable_names_the_role_and_the_missing_resource(campaign, shapes, message):
+    with pytest.raises(ValueError) as err:
+        check_placeable(campaign, shapes)
+    assert str(err.value) == message
+
+
+def test_check_placeable_counts_all_roles_together():
+    shared = [NodeShape({"CPU": 8, "GPU": 3, "inference": 2, "training": 2, "judge": 1})]
+    with pytest.raises(ValueError, match=r"together need GPU=4 \(generators GPU=2, learner GPU=2\): "
+                                         r"the cluster has GPU=3"):
+        check_placeable(_campaign(generators=2, learner=2, judges=1), shared)
+
+
+# --------------------------------------------------------------------------------- real multi-node cluster
+
+@pytest.mark.ray
+def test_nodes_advertise_their_custom_resources(multinode_cluster, multinode_driver):
+    ray = multinode_driver
+    alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+    assert set(alive) == {multinode_cluster.head_node_id, *multinode_cluster.node_ids.values()}
+    for name, node_id in multinode_cluster.node_ids.items():
+        assert alive[node_id]["Resources"][name] == NODE_RESOURCES[name][name]
+        assert alive[node_id]["NodeManagerAddress"] == "127.0.0.1"
+    shapes = cluster_shapes()
+    assert sorted(s.resources.get("CPU") for s in shapes) == [1, 2, 2]
+
+
+@pytest.mark.ray
+def test_generator_actors_land_on_the_inference_node_only(multinode_cluster, multinode_driver):
+    ray = multinode_driver
+    options = actor_options(Resources(num_cpus=1, custom={"inference": 1}))
+    actors = [ray.remote(_where_am_i()).options(**options).remote() for _ in range(2)]
+    try:
+        where = ray.get([a.node_id.remote() for a in actors], timeout=60)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    assert where == [multinode_cluster.node_ids["inference"]] * 2
+
+
+@pytest.mark.ray
+def test_learner_workers_land_on_the_training_node(multinode_cluster, multinode_driver):
+    """Ray Train reserves one bundle of ``resources_per_worker`` per worker in a placement group with the
+    ScalingConfig's strategy, then starts each worker in its bundle; the same is done here with the ScalingConfig
+    built from learner_scaling (a full TorchTrainer start costs over a minute on 2 cores)."""
+    from ray.train import ScalingConfig
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    ray = multinode_driver
+    cfg = parse_config({"learner": {"workers": 2, "resources": {"num_cpus": 1, "custom": {"training": 0.5}}}})
+    scaling = ScalingConfig(**learner_scaling(cfg.learner))
+    group = placement_group([scaling._resources_per_worker_not_none] * scaling.num_workers,
+                            strategy=scaling.placement_strategy)
+    ray.get(group.ready(), timeout=60)
+    workers = [ray.remote(_where_am_i()).options(
+        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+    ).remote() for i in range(scaling.num_workers)]
+    try:
+        where = ray.get([w.node_id.remote() for w in workers], timeout=60)
+    finally:
+        for w in workers:
+            ray.kill(w)
+        remove_placement_group(group)
+    assert where == [multinode_cluster.node_ids["training"]] * 2
+
+
+@pytest.mark.ray
+def test_check_placeable_reads_the_live_cluster(multinode_cluster, multinode_driver):
+    fits = parse_config({"generators": {"count": 2, "resources": {"custom": {"inference": 1}}},
+                         "judges": {"resources": {"num_cpus": 0}},
+                         "learner": {"resources": {"custom": {"training": 1}}}})
+    check_placeable(fits)
+    too_many = fits.model_copy(update={"learner": fits.learner.model_copy(update={"workers": 2})})
+    with pytest.raises(ValueError, match=r"^learner.workers=2 × \{'CPU': 1, 'training': 1\} cannot be placed: "
+                                         r"the cluster has training=1$"):
+        check_placeable(too_many)
