@@ -1,0 +1,79 @@
+"""The judge actor: labels comparisons with the campaign's preference oracle (made remote by the driver with
+``ray.remote(JudgeActor)``).
+
+Every comparison comes back with a verdict: a probability, or None with the reason it was dropped after ``retries``
+further attempts — never an exception in the middle of a round, never a silent default. Deterministic oracles are
+cached on disk (``cache_dir``, normally ``RUN_DIR/judge-cache``), shared by every judge actor of the campaign and by
+a resumed campaign; ``calls()`` counts only the comparisons actually sent to the oracle (each retry included).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from oracles import build_oracle, is_deterministic, oracle_config
+from oracles.base import Comparison, Verdict
+
+log = logging.getLogger(__name__)
+
+
+def _comparisons(items: list[dict]) -> list[Comparison]:
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise TypeError(f"comparison {i} is a {type(item).__name__}, expected a dict with prompt, a, b")
+        missing = [k for k in ("prompt", "a", "b") if not isinstance(item.get(k), str)]
+        if missing:
+            raise ValueError(f"comparison {i} lacks string field(s) {missing}")
+        out.append(Comparison(item["prompt"], item["a"], item["b"]))
+    return out
+
+
+class JudgeActor:
+    def __init__(self, oracle_cfg: dict, cache_dir: str | None, retries: int = 2, game_spec: str | None = None,
+                 seed: int = 0):
+        if retries < 0:
+            raise ValueError(f"judge retries must be ≥ 0, got {retries}")
+        cfg = oracle_config(oracle_cfg)
+        self.oracle = build_oracle(cfg, game_spec=game_spec, seed=seed)
+        self.cache = None
+        if cache_dir is not None and is_deterministic(cfg):
+            from oracles.cache import VerdictCache
+            self.cache = VerdictCache(cache_dir, self.oracle.oracle_id)
+        self.retries = retries
+        self._calls = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def calls(self) -> int:
+        return self._calls
+
+    def _ask(self, comparisons: list[Comparison]) -> list[Verdict]:
+        self._calls += len(comparisons)
+        try:
+            verdicts = self.oracle.compare(comparisons)
+        except Exception as err:  # a crashing oracle drops this attempt's comparisons, it does not end the round
+            log.warning("oracle %s raised on %d comparisons: %r", self.oracle.oracle_id, len(comparisons), err)
+            return [Verdict(None, f"oracle raised {type(err).__name__}: {err}")] * len(comparisons)
+        if len(verdicts) != len(comparisons):
+            return [Verdict(None, f"oracle returned {len(verdicts)} verdicts for {len(comparisons)} comparisons")
+                    ] * len(comparisons)
+        return verdicts
+
+    def judge(self, comparisons: list[dict]) -> list[dict]:
+        """One ``{prob, reason, cached}`` per comparison ``{prompt, a, b}``, in order."""
+        asked = _comparisons(comparisons)
+        cached = self.cache.get(asked) if self.cache is not None else [None] * len(asked)
+        verdicts: list[Verdict | None] = [Verdict(p) if p is not None else None for p in cached]
+        pending = [i for i, v in enumerate(verdicts) if v is None]
+        for _ in range(self.retries + 1):
+            if not pending:
+                break
+            fresh = self._ask([asked[i] for i in pending])
+            if self.cache is not None:
+                self.cache.put([asked[i] for i in pending], fresh)
+            for i, verdict in zip(pending, fresh):
+                verdicts[i] = verdict
+            pending = [i for i in pending if verdicts[i].prob is None]
+        return [{"prob": v.prob, "reason": v.reason, "cached": p is not None} for v, p in zip(verdicts, cached)]
