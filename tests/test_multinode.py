@@ -43,9 +43,9 @@ def _free_port() -> int:
 def multinode_cluster():
     """A head (1 CPU) plus one worker node per entry of NODE_RESOURCES (2 CPUs each), all on 127.0.0.1.
 
-    Ray writes a "current cluster" file under RAY_TMPDIR and serves metrics on fixed default ports; both are made
-    private here so that clusters of other test sessions on the same machine neither find nor collide with this
-    one."""
+    Ray writes a "current cluster" file under RAY_TMPDIR and, even without a dashboard, serves its minimal dashboard
+    and metrics on fixed default ports; all of them are made private here so that other clusters on the same
+    machine neither find this one nor collide with it."""
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="nr-mn-", dir="/tmp")  # short: Ray's socket paths live under it
@@ -58,7 +58,8 @@ def multinode_cluster():
         try:
             common = dict(node_ip_address="127.0.0.1", object_store_memory=OBJECT_STORE_BYTES)
             cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
-                num_cpus=1, include_dashboard=False, temp_dir=os.path.join(temp_dir, "ray"), **common))
+                num_cpus=1, include_dashboard=False, dashboard_port=_free_port(),
+                temp_dir=os.path.join(temp_dir, "ray"), **common))
             node_ids = {name: cluster.add_node(num_cpus=2, resources=res, **common).node_id
                         for name, res in NODE_RESOURCES.items()}
             cluster.wait_for_nodes()
@@ -141,7 +142,8 @@ def test_check_placeable_accepts_what_fits():
     (_campaign(generators=5), KUBERAY_LIKE,
      "generators.count=5 × {'CPU': 1, 'GPU': 1, 'inference': 1} cannot be placed: the cluster has inference=4"),
     # the training nodes have 8 CPUs in all, but a worker cannot span nodes: a node of 4 CPUs holds one of 3
-    (_campaign(learner=3, num_cpus=3), [*KUBERAY_LIKE[:2], NodeShape({"CPU": 4, "GPU": 2, "training": 2}, 2), KUBERAY_LIKE[3]],
+    (_campaign(learner=3, num_cpus=3),
+     [*KUBERAY_LIKE[:2], NodeShape({"CPU": 4, "GPU": 2, "training": 2}, 2), KUBERAY_LIKE[3]],
      "learner.workers=3 × {'CPU': 3, 'GPU': 1, 'training': 1} cannot be placed: each needs all of it on one node, "
      "and the nodes hold at most 2 of them"),
 ])
