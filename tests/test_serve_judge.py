@@ -1,0 +1,116 @@
+"""End to end on loopback: Ray Serve runs the judge (an LLM judge on the tiny model, and a reward model) behind an
+OpenAI-compatible chat-completions route; the HTTP judge calls it and gets the same judgements as the in-process
+oracle."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster.config import JudgeServeConfig
+from oracles import build_oracle
+from oracles.base import Comparison
+from oracles.http_judge import HTTPJudge
+
+pytestmark = pytest.mark.ray
+
+CASES = [Comparison("What is 2+2?", "4", "five"), Comparison("Say hello.", "hello world", "the quick brown fox"),
+         Comparison("Name a number.", "seven", "7 8 9 10 11 12"), Comparison("Why?", "because", "")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_labels = 1
+    torch.manual_seed(2)
+    target = tmp_path_factory.mktemp("tiny-rm")
+    LlamaForSequenceClassification(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_model_dir, tiny_reward_model_dir):
+    """Both judges deployed on one Serve proxy bound to 127.0.0.1; base URLs by name."""
+    from ray import serve
+    from oracles.serve import serve_judge
+    port = free_port()
+    resources = {"num_cpus": 0.25}
+    llm_cfg = {"kind": "llm_judge", "model": tiny_model_dir}
+    rm_cfg = {"kind": "reward_model", "model": tiny_reward_model_dir}
+    urls = {
+        "llm": serve_judge(llm_cfg, JudgeServeConfig(name="llm-judge", port=port, route_prefix="/llm",
+                                                     max_batch_size=4, resources=resources)),
+        "rm": serve_judge(rm_cfg, JudgeServeConfig(name="rm-judge", port=port, route_prefix="/rm",
+                                                   resources=resources)),
+    }
+    yield urls, {"llm": llm_cfg, "rm": rm_cfg}
+    serve.shutdown()
+
+
+def test_served_llm_judge_gives_the_in_process_judgements(served):
+    urls, cfgs = served
+    assert urls["llm"].startswith("http://127.0.0.1:")
+    remote = HTTPJudge(urls["llm"], concurrency=8).compare(CASES)
+    local = build_oracle(cfgs["llm"]).compare(CASES)
+    assert all(v.prob is not None for v in remote)
+    assert [v.prob for v in remote] == pytest.approx([v.prob for v in local], abs=1e-5)
+    swapped = HTTPJudge(urls["llm"]).compare([Comparison(c.prompt, c.b, c.a) for c in CASES])
+    assert all(v.prob + w.prob == pytest.approx(1.0) for v, w in zip(remote, swapped))
+
+
+def test_served_reward_model_answers_with_its_bradley_terry_probability(served):
+    urls, cfgs = served
+    remote = HTTPJudge(urls["rm"]).compare(CASES)
+    local = build_oracle(cfgs["rm"]).compare(CASES)
+    assert [v.prob for v in remote] == pytest.approx([v.prob for v in local], abs=1e-5)
+    assert len({round(v.prob, 6) for v in remote}) == len(CASES)
+
+
+def test_the_route_speaks_openai_chat_completions(served):
+    urls, _ = served
+
+    def post(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(urls["llm"] + "/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    status, reply = post({"model": "judge", "messages": [{"role": "user", "content": "A or B?"}],
+                          "max_tokens": 1, "logprobs": True, "top_logprobs": 5})
+    assert status == 200 and reply["object"] == "chat.completion"
+    choice = reply["choices"][0]
+    first = choice["logprobs"]["content"][0]
+    assert choice["message"]["content"] == first["token"] in ("A", "B")
+    assert {e["token"] for e in first["top_logprobs"]} == {"A", "B"}
+    assert all(e["logprob"] < 0 for e in first["top_logprobs"])
+    status, reply = post({"messages": [{"role": "user", "content": "A or B?"}]})
+    assert status == 200 and "logprobs" not in reply["choices"][0]
+    status, reply = post({"messages": [], "max_tokens": 1})
+    assert status == 400 and "messages must be a non-empty list" in reply["error"]["message"]
+    status, reply = post({"messages": [{"role": "user", "content": "x"}], "stream": True})
+    assert status == 400 and "streaming" in reply["error"]["message"]
+    with urllib.request.urlopen(urls["llm"] + "/models", timeout=30) as response:
+        assert json.loads(response.read())["data"][0]["object"] == "model"
+
+
+def test_a_message_outside_the_template_is_a_422_for_a_reward_model(served):
+    urls, _ = served
+    dropped = HTTPJudge(urls["rm"], template="Q: {prompt}\n1) {a}\n2) {b}", retries=0).compare(CASES[:1])[0]
+    assert dropped.prob is None and "HTTP 422" in dropped.reason and "does not follow the judging template" in \
+        dropped.reason
