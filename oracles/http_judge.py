@@ -16,6 +16,7 @@ redacted from every reason and log line.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -150,8 +151,8 @@ class HTTPJudge(PreferenceOracle):
             if isinstance(err.reason, (TimeoutError, socket.timeout)):
                 return None, f"no reply within {self.timeout_s:g} s", True
             return None, f"connection failed: {err.reason}", True
-        except (ConnectionError, OSError) as err:
-            return None, f"connection failed: {err}", True
+        except (OSError, http.client.HTTPException) as err:
+            return None, f"connection failed: {type(err).__name__}: {err}", True
 
     def ask(self, messages: list[dict[str, str]]) -> float | str:
         """P(A) for one judging conversation, or the reason it was dropped after the allowed attempts."""

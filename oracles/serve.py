@@ -138,10 +138,8 @@ class JudgeServer:
         return completion(body.get("model") or self.model_name, *answer, with_logprobs=bool(body.get("logprobs")))
 
 
-def judge_application(oracle_cfg, serve_cfg, seed: int = 0):
-    """The bound Serve application for ``oracle_cfg`` (an ``OracleConfig`` or dict) under ``serve_cfg``
-    (``judges.serve``)."""
-    cfg = oracle_config(oracle_cfg)
+def deployment_options(serve_cfg) -> dict:
+    """Ray Serve deployment options from ``judges.serve``: fixed ``replicas``, or ``autoscaling`` when set."""
     resources = serve_cfg.resources
     options = {"name": serve_cfg.name, "max_ongoing_requests": serve_cfg.max_ongoing_requests,
                "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
@@ -150,8 +148,15 @@ def judge_application(oracle_cfg, serve_cfg, seed: int = 0):
         options["autoscaling_config"] = serve_cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = serve_cfg.replicas
-    return JudgeServer.options(**options).bind(cfg.model_dump(), serve_cfg.max_batch_size,
-                                               serve_cfg.batch_wait_timeout_s, seed)
+    return options
+
+
+def judge_application(oracle_cfg, serve_cfg, seed: int = 0):
+    """The bound Serve application for ``oracle_cfg`` (an ``OracleConfig`` or dict) under ``serve_cfg``
+    (``judges.serve``)."""
+    cfg = oracle_config(oracle_cfg)
+    return JudgeServer.options(**deployment_options(serve_cfg)).bind(
+        cfg.model_dump(), serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s, seed)
 
 
 def serve_judge(oracle_cfg, serve_cfg, seed: int = 0) -> str:

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from cluster.config import JudgeServeConfig
+from cluster.config import AutoscalingConfig, JudgeServeConfig
 from oracles import build_oracle
 from oracles.base import Comparison
 from oracles.http_judge import HTTPJudge
@@ -54,6 +54,7 @@ def served(ray_cluster, tiny_model_dir, tiny_reward_model_dir):
         "llm": serve_judge(llm_cfg, JudgeServeConfig(name="llm-judge", port=port, route_prefix="/llm",
                                                      max_batch_size=4, resources=resources)),
         "rm": serve_judge(rm_cfg, JudgeServeConfig(name="rm-judge", port=port, route_prefix="/rm",
+                                                   autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2),
                                                    resources=resources)),
     }
     yield urls, {"llm": llm_cfg, "rm": rm_cfg}
@@ -77,6 +78,25 @@ def test_served_reward_model_answers_with_its_bradley_terry_probability(served):
     local = build_oracle(cfgs["rm"]).compare(CASES)
     assert [v.prob for v in remote] == pytest.approx([v.prob for v in local], abs=1e-5)
     assert len({round(v.prob, 6) for v in remote}) == len(CASES)
+
+
+def test_deployments_follow_judges_serve(served):
+    from ray import serve
+    status = serve.status().applications
+    assert status["llm-judge"].status == "RUNNING" and status["rm-judge"].status == "RUNNING"
+    llm = status["llm-judge"].deployments["llm-judge"]
+    rm = status["rm-judge"].deployments["rm-judge"]
+    assert llm.replica_states.get("RUNNING") == 1 and rm.replica_states.get("RUNNING") == 1
+
+
+def test_deployment_options_come_from_the_config():
+    from oracles.serve import deployment_options
+    fixed = deployment_options(JudgeServeConfig(replicas=3, resources={"num_cpus": 2, "custom": {"inference": 1}}))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0, "resources": {"inference": 1}}
+    scaled = deployment_options(JudgeServeConfig(autoscaling={"min_replicas": 0, "max_replicas": 4}))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 4}
 
 
 def test_the_route_speaks_openai_chat_completions(served):
