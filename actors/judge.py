@@ -4,7 +4,8 @@
 Every comparison comes back with a verdict: a probability, or None with the reason it was dropped after ``retries``
 further attempts — never an exception in the middle of a round, never a silent default. Deterministic oracles are
 cached on disk (``cache_dir``, normally ``RUN_DIR/judge-cache``), shared by every judge actor of the campaign and by
-a resumed campaign; ``calls()`` counts only the comparisons actually sent to the oracle (each retry included).
+a resumed campaign; ``calls()`` counts only the comparisons (and scored responses) actually sent to the oracle, each
+retry included. ``score`` serves the ``score`` strategy with oracles that score single responses (reward models).
 """
 
 from __future__ import annotations
@@ -77,3 +78,23 @@ class JudgeActor:
                 verdicts[i] = verdict
             pending = [i for i in pending if verdicts[i].prob is None]
         return [{"prob": v.prob, "reason": v.reason, "cached": p is not None} for v, p in zip(verdicts, cached)]
+
+    def score(self, items: list[dict]) -> list[dict]:
+        """One ``{score, reason}`` per ``{prompt, response}`` from an oracle that scores single responses (a reward
+        model; the ``score`` strategy). Not cached; each response counts as one call. An oracle that only compares
+        pairs, or one that fails ``retries + 1`` times, gives None scores with the reason."""
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("prompt", "response")):
+                raise ValueError(f"item {i} to score must be a dict with string prompt and response")
+        reason = "no attempt"
+        for _ in range(self.retries + 1):
+            self._calls += len(items)
+            try:
+                scores = self.oracle.score([it["prompt"] for it in items], [it["response"] for it in items])
+                return [{"score": float(s), "reason": None} for s in scores]
+            except NotImplementedError as err:
+                return [{"score": None, "reason": str(err)} for _ in items]
+            except Exception as err:  # as in judge(): a failed attempt is reported, it does not end the round
+                reason = f"oracle raised {type(err).__name__}: {err}"
+                log.warning("oracle %s failed to score %d responses: %r", self.oracle.oracle_id, len(items), err)
+        return [{"score": None, "reason": reason} for _ in items]

@@ -154,3 +154,22 @@ def test_a_crashing_oracle_drops_the_attempt_instead_of_raising():
     rows = judge.judge(comparisons(2))
     assert all(r["prob"] is None and r["reason"] == "oracle raised RuntimeError: CUDA out of memory" for r in rows)
     assert Crashing.attempts == 2 and judge.calls() == 4
+
+
+def test_scores_come_from_oracles_that_score(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from trainers.models import build_tiny_model
+    folder = build_tiny_model(tmp_path / "tiny")
+    config = LlamaConfig.from_pretrained(folder)
+    config.num_labels = 1
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(config).save_pretrained(folder)   # same tokenizer, a scalar head instead
+    items = [{"prompt": "Say hi.", "response": "hi"}, {"prompt": "Say hi.", "response": "hello there"}]
+    reward_judge = JudgeActor({"kind": "reward_model", "model": str(folder)}, None)
+    scored = reward_judge.score(items)
+    assert all(isinstance(r["score"], float) and r["reason"] is None for r in scored)
+    assert scored[0]["score"] != scored[1]["score"] and reward_judge.calls() == 2
+    rule_judge = JudgeActor(RULE, None)
+    assert all(r["score"] is None and "does not score single responses" in r["reason"]
+               for r in rule_judge.score(items))
