@@ -15,8 +15,9 @@ touches model weights: it moves references to them.
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,12 @@ class Roles:
     generators: list
     judges: list
     learner: object
-    extra: dict = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        import ray
+        self.learner.shutdown()
+        for actor in self.generators + self.judges:
+            ray.kill(actor)
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -113,6 +119,13 @@ def push_weights(roles: Roles, push, version: int, timeout_s: float) -> float:
     return time.perf_counter() - start
 
 
+def verify_push(roles: Roles, probe: dict, timeout_s: float) -> float:
+    """Largest |log π_generator − log π_learner| over the learner's probe sequences, across all generators."""
+    got = _get([g.sequence_logprobs.remote(probe["prompt_ids"], probe["response_ids"]) for g in roles.generators],
+               timeout_s, "generators (push check)")
+    return float(max(abs(a - b) for values in got for a, b in zip(values, probe["logprobs"])))
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 class Campaign:
@@ -189,12 +202,14 @@ class Campaign:
                 result = roles.learner.train_round(t, dataset.split(self.cfg.learner.workers, equal=True),
                                                    checkpoint, version + 1)
             ph.done(f"loss {result['loss']:.4f}")
-        weights = result.pop("weights")
+        weights, probe = result.pop("weights"), result.pop("probe")
         metrics.update({k: v for k, v in result.items() if k != "round"})
 
         with progress.phase("push", t) as ph:
             metrics["push_s"] = push_weights(roles, weights, version + 1, cfg.generators.timeout_s)
-            ph.done(f"version {version + 1}")
+            metrics["push_logprob_max_abs_diff"] = verify_push(roles, probe, cfg.generators.timeout_s)
+            ph.done(f"version {version + 1}, generator log-probs within "
+                    f"{metrics['push_logprob_max_abs_diff']:.1e} of the learner's")
         if self.cfg.evaluation.every_rounds and (t + 1) % self.cfg.evaluation.every_rounds == 0:
             with progress.phase("eval", t) as ph:
                 metrics.update(self.evaluate(roles, weights))
@@ -209,7 +224,8 @@ class Campaign:
             tmp = train_dir.with_name("train.tmp")
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
-            ray.data.from_items(records).write_parquet(str(tmp))
+            import pyarrow as pa
+            ray.data.from_arrow(pa.Table.from_pylist(records)).write_parquet(str(tmp))
             (tmp / "_SUCCESS").write_text(str(len(records)))
             shutil.rmtree(train_dir, ignore_errors=True)
             tmp.rename(train_dir)
@@ -306,13 +322,14 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         run.create(dump_config(cfg))
         state = run.read_state()
     campaign = Campaign(cfg, run, progress)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the campaign prints its own progress
     init_local_ray(num_cpus=_local_cpus(cfg), object_store_gib=cfg.cluster.object_store_gib,
                    address=cfg.cluster.address, bind_host=cfg.cluster.bind_host)
     roles = campaign.start_roles(state)
     try:
         campaign.run_rounds(roles, state)
     finally:
-        roles.learner.shutdown()
+        roles.shutdown()
     return run
 
 

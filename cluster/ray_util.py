@@ -14,8 +14,11 @@ def init_local_ray(num_cpus: int | None = None, object_store_gib: float = 1.0, t
 
     Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray listens on the machine's interface address even when told
     127.0.0.1; a private temp dir keeps a killed cluster's current-cluster file from hanging the next ``ray.init``."""
-    import ray
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    import ray._private.ray_constants as ray_constants
+    # Ray reads the variable once, at import: when something imported ray before us, set what it derived.
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
     if ray.is_initialized():
         return ray
     if address:

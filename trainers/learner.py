@@ -122,7 +122,9 @@ def build_policy(config: dict):
         from oracles.games import load_game
         from trainers.tabular import TabularPolicy
         game = load_game(config["data"]["game"])
-        return TabularPolicy(game.pi_ref), TabularPolicy(game.pi_ref), SequenceScorer(tabular=True), None
+        # float32: DeepSpeed reduces no float64 gradients.
+        return (TabularPolicy(game.pi_ref).float(), TabularPolicy(game.pi_ref).float(), SequenceScorer(tabular=True),
+                None)
     tokenizer = load_tokenizer(model_cfg["path"])
     policy = load_causal_lm(model_cfg["path"], "float32", model_cfg["trust_remote_code"])
     reference = load_causal_lm(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
@@ -130,23 +132,41 @@ def build_policy(config: dict):
 
 
 @dataclass
-class RoundBatch:
-    rows: list[dict]
+class RoundData:
+    """A worker's shard of the round's training records, held by column: token-id lists and float64 arrays."""
+    columns: dict
 
-    def sequences(self, key: str) -> tuple[list[list[int]], list[list[int]]]:
-        return [list(r["prompt_ids"]) for r in self.rows], [list(r[f"{key}_ids"]) for r in self.rows]
+    @classmethod
+    def from_shard(cls, shard) -> "RoundData":
+        import pyarrow as pa
+        blocks = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+        table = pa.concat_tables(blocks) if blocks else None
+        columns = {}
+        for name in ("prompt_ids", "a_ids", "b_ids", "x_ids"):
+            columns[name] = table.column(name).to_pylist() if table is not None else []
+        for name in ("target", "a_score", "b_score"):
+            columns[name] = (table.column(name).to_numpy().astype("float64") if table is not None else [])
+        return cls(columns)
 
-    def tensors(self) -> dict:
+    def __len__(self) -> int:
+        return len(self.columns["target"])
+
+    def sequences(self, key: str, idx) -> tuple[list[list[int]], list[list[int]]]:
+        return [self.columns["prompt_ids"][i] for i in idx], [self.columns[f"{key}_ids"][i] for i in idx]
+
+    def tensors(self, idx) -> dict:
         import torch
-        return {name: torch.tensor([float(r[name]) for r in self.rows], dtype=torch.float64)
-                for name in ("target", "a_score", "b_score")}
+        return {name: torch.from_numpy(self.columns[name][idx]) for name in ("target", "a_score", "b_score")}
+
+    def tokens(self, idx) -> int:
+        return sum(len(self.columns[c][i]) for c in ("prompt_ids", "a_ids", "b_ids", "x_ids") for i in idx)
 
 
-def _score(scorer, model, batch: RoundBatch, keys: tuple[str, ...], prefix: str) -> dict:
+def _score(scorer, model, data: RoundData, idx, keys: tuple[str, ...], prefix: str) -> dict:
     """One forward over every sequence the loss needs (a, b, x stacked), split back per key."""
     prompts, responses, sizes = [], [], []
     for key in keys:
-        p, r = batch.sequences(key)
+        p, r = data.sequences(key, idx)
         prompts += p
         responses += r
         sizes.append(len(p))
@@ -238,7 +258,7 @@ def learner_loop(loop_config: dict) -> None:
         if task["kind"] == STOP:
             return
         try:
-            result = _train_round(task, rank, world, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
+            result = _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
                                   learner_cfg)
             state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
             _save_checkpoint(engine, state, tokenizer, Path(task["checkpoint_dir"]), rank, result)
@@ -253,29 +273,29 @@ def learner_loop(loop_config: dict) -> None:
             raise
 
 
-def _train_round(task, rank, world, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg) -> dict:
+def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg) -> dict:
+    import numpy as np
     import torch
     import torch.distributed as dist
 
     t_start = time.perf_counter()
-    shard = task["shards"][rank]
-    rows = list(shard.iter_rows())
+    data = RoundData.from_shard(task["shards"][rank])
+    mbs = learner_cfg["micro_batch_size"]
     # Every worker must take the same number of optimizer steps (collectives in lockstep).
-    local_steps = torch.tensor([math.ceil(len(rows) / learner_cfg["micro_batch_size"])])
+    local_steps = torch.tensor([math.ceil(len(data) / mbs)])
     dist.all_reduce(local_steps, op=dist.ReduceOp.MIN)
     steps_per_epoch = int(local_steps.item())
-    mbs = learner_cfg["micro_batch_size"]
 
     chunks: list[dict] = []  # π_t and π_ref log-probs, computed once, before the round's first update
     engine.eval()
     with torch.no_grad():
-        for start in range(0, len(rows), mbs):
-            batch = RoundBatch(rows[start:start + mbs])
+        for start in range(0, len(data), mbs):
+            idx = np.arange(start, min(start + mbs, len(data)))
             lp = {}
             if algorithm.needs_pi_t:
-                lp.update(_score(scorer, engine, batch, tuple(k for k in keys if k != "x"), "t"))
+                lp.update(_score(scorer, engine, data, idx, tuple(k for k in keys if k != "x"), "t"))
             if algorithm.needs_ref:
-                lp.update(_score(scorer, reference, batch, keys, "ref"))
+                lp.update(_score(scorer, reference, data, idx, keys, "ref"))
             chunks.append(lp)
     fixed = {name: torch.cat([c[name] for c in chunks]) for name in (chunks[0] if chunks else {})}
     t_logprobs = time.perf_counter() - t_start
@@ -283,26 +303,30 @@ def _train_round(task, rank, world, engine, reference, scorer, algorithm, algo_c
     engine.train()
     losses, kls, tokens = [], [], 0
     for _ in range(learner_cfg["epochs_per_round"]):
-        order = rng.permutation(len(rows))
+        order = rng.permutation(len(data))
         for step in range(steps_per_epoch):
             idx = order[step * mbs:(step + 1) * mbs]
-            batch = RoundBatch([rows[i] for i in idx])
-            lp = _score(scorer, engine, batch, keys, "theta")
+            lp = _score(scorer, engine, data, idx, keys, "theta")
             lp.update({name: values[torch.as_tensor(idx)] for name, values in fixed.items()})
-            loss = algorithm.loss(lp, batch.tensors(), algo_cfg).mean()
+            loss = algorithm.loss(lp, data.tensors(idx), algo_cfg).mean()
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             if "ref_a" in lp:
                 kls.append(float((lp["theta_a"].detach() - lp["ref_a"]).mean()))
-            tokens += sum(len(r["prompt_ids"]) + len(r["a_ids"]) + len(r["b_ids"]) + len(r["x_ids"])
-                          for r in batch.rows)
+            tokens += data.tokens(idx)
     train_s = time.perf_counter() - t_start - t_logprobs
-    stats = torch.tensor([sum(losses), len(losses), sum(kls), len(kls), tokens], dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():  # the new policy's log-probs of two fixed sequences: generators must match them
+        probe_idx = np.arange(min(2, len(data)))
+        probe_prompts, probe_responses = data.sequences("a", probe_idx)
+        probe = {"prompt_ids": probe_prompts, "response_ids": probe_responses,
+                 "logprobs": scorer(engine, probe_prompts, probe_responses).double().tolist()}
+    stats = torch.tensor([sum(losses), len(losses), sum(kls), len(kls), tokens, len(data)], dtype=torch.float64)
     dist.all_reduce(stats)
     return {
         "round": task["round"],
-        "rows": len(rows) * world,
+        "rows": int(stats[5]),
         "steps": steps_per_epoch * learner_cfg["epochs_per_round"],
         "loss": float(stats[0] / max(stats[1], 1)),
         "kl_to_ref": float(stats[2] / stats[3]) if stats[3] else None,
@@ -310,6 +334,7 @@ def _train_round(task, rank, world, engine, reference, scorer, algorithm, algo_c
         "logprob_s": t_logprobs,
         "train_s": train_s,
         "train_tokens_per_s": float(stats[4]) / max(train_s, 1e-9),
+        "probe": probe,
     }
 
 
