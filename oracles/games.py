@@ -66,12 +66,12 @@ def validate_game(prompts: list[str], P: np.ndarray, pi_ref: np.ndarray, source:
         skew = np.abs(P[p] + P[p].T - 1)
         if skew.max() > _SKEW_TOLERANCE:
             i, j = np.unravel_index(np.argmax(skew), skew.shape)
-            raise ValueError(f"{where}: P[{i}][{j}] + P[{j}][{i}] = {P[p, i, j] + P[p, j, i]!r}, must be 1 "
+            raise ValueError(f"{where}: P[{i}][{j}] + P[{j}][{i}] = {float(P[p, i, j] + P[p, j, i])!r}, must be 1 "
                              f"(P(i ≻ j) + P(j ≻ i) = 1)")
         if not np.all(np.isfinite(pi_ref[p])) or np.any(pi_ref[p] <= 0):
             raise ValueError(f"{where}: pi_ref must be positive and finite, got {pi_ref[p].tolist()}")
         if abs(pi_ref[p].sum() - 1) > 1e-6:
-            raise ValueError(f"{where}: pi_ref sums to {pi_ref[p].sum()!r}, must sum to 1")
+            raise ValueError(f"{where}: pi_ref sums to {float(pi_ref[p].sum())!r}, must sum to 1")
 
 
 # ---------------------------------------------------------------------------------------------- builtins

@@ -141,10 +141,13 @@ def fit_bradley_terry(k: int, judged: Judged, l2: float = 1e-3, tol: float = 1e-
         step = np.linalg.solve(hess, grad)
         if np.abs(step).max() < tol:
             break
-        # backtracking keeps Newton monotone when a response wins (or loses) everything and s runs far out
-        scale = 1.0
-        while scale > 1e-10 and objective(s - scale * step) > value:
+        # when a response wins (or loses) everything the Hessian there is ~l2 and the raw Newton step is huge:
+        # cap it, then backtrack so every step decreases the objective
+        scale = min(1.0, 2.0 / np.abs(step).max())
+        while scale > 1e-12 and objective(s - scale * step) >= value:
             scale /= 2
+        if scale <= 1e-12:  # no strict decrease left within float precision: at the optimum
+            break
         s = s - scale * step
         value = objective(s)
     seen = np.zeros(k, dtype=bool)
