@@ -1,15 +1,16 @@
 """Where each role runs: Ray resource requests built from the config, and a check that the cluster can hold them.
 
 Generators, judges and learner workers all live for the whole campaign, so a config that asks for more than the
-cluster can ever hold would otherwise hang on a pending actor after the model loads. ``check_placeable`` refuses it
-before any work starts. It counts the nodes that are up and, on an autoscaling cluster (KubeRay), the nodes each
-worker group may still add; it only applies conditions every placement must meet, so it never refuses a config that
-Ray could place.
+cluster can hold would otherwise hang on a pending actor after the model loads. ``check_placeable`` refuses it before
+any work starts. It only applies conditions every placement must meet, so it never refuses a config that Ray could
+place on the nodes it counts. On an autoscaling cluster (KubeRay) it first asks the autoscaler for the campaign's
+actors and waits for the nodes to come up.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from cluster.config import CampaignConfig, LearnerConfig, Resources
@@ -114,12 +115,38 @@ def _demands(cfg: CampaignConfig) -> list[tuple[str, str, int, dict[str, float]]
     ]
 
 
-def check_placeable(cfg: CampaignConfig, shapes: list[NodeShape] | None = None) -> None:
+def check_placeable(cfg: CampaignConfig, shapes: list[NodeShape] | None = None,
+                    autoscaler_wait_s: float = 0.0) -> None:
     """Raise ``ValueError`` naming the role and the missing resource when the campaign's actors cannot all be placed
-    on ``shapes`` (default: the connected cluster, see ``cluster_shapes``). With an autoscaler the current nodes and
-    the groups at full size are both counted, so a shape may be counted twice: the check may pass a config the
-    cluster cannot hold, never the other way round."""
-    shapes = cluster_shapes() if shapes is None else shapes
+    on ``shapes`` (default: the connected cluster, see ``cluster_shapes``).
+
+    With ``autoscaler_wait_s`` > 0 (a connected cluster only), the autoscaler is first asked for one bundle per actor
+    (``ray.autoscaler.sdk.request_resources``) and the check is repeated until it passes or the time is up; the
+    request is withdrawn afterwards, the nodes stay while the actors use them."""
+    _demands(cfg)  # a malformed resources section fails at once, never after a wait
+    if shapes is not None or autoscaler_wait_s <= 0:
+        return _check(cfg, cluster_shapes() if shapes is None else shapes)
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[bundle for _, _, count, bundle in _demands(cfg) for _ in range(count) if bundle])
+    deadline = time.monotonic() + autoscaler_wait_s
+    try:
+        while True:
+            try:
+                return _check(cfg, cluster_shapes())
+            except ValueError as err:
+                if time.monotonic() >= deadline:
+                    raise ValueError(f"{err} (after waiting {autoscaler_wait_s:g} s for the autoscaler)") from None
+            time.sleep(1.0)
+    finally:
+        request_resources(bundles=[])
+
+
+def _check(cfg: CampaignConfig, shapes: list[NodeShape]) -> None:
+    """Conditions every placement meets: each role fits on its own (an actor never spans nodes), and all roles
+    together fit within each resource's total. With an autoscaler both the nodes up now and the groups at full size
+    are counted, so a node may be counted twice: this may pass a config the cluster cannot hold, never the other way
+    round."""
     demands = _demands(cfg)
     for _, what, count, bundle in demands:
         if _capacity(bundle, shapes) >= count:

@@ -14,7 +14,10 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -31,6 +34,7 @@ class MultinodeCluster:
     head_node_id: str
     node_ids: dict[str, str]    # custom resource name → id of the one node that offers it
     temp_dir: str
+    cluster: Any                # the ray.cluster_utils.Cluster, to add or remove nodes (keep add_node's env)
 
 
 def _free_port() -> int:
@@ -63,7 +67,7 @@ def multinode_cluster():
             node_ids = {name: cluster.add_node(num_cpus=2, resources=res, **common).node_id
                         for name, res in NODE_RESOURCES.items()}
             cluster.wait_for_nodes()
-            yield MultinodeCluster(cluster.address, cluster.head_node.node_id, node_ids, temp_dir)
+            yield MultinodeCluster(cluster.address, cluster.head_node.node_id, node_ids, temp_dir, cluster)
         finally:
             if cluster is not None:
                 cluster.shutdown()
@@ -224,3 +228,32 @@ def test_check_placeable_reads_the_live_cluster(multinode_cluster, multinode_dri
     with pytest.raises(ValueError, match=r"^learner.workers=2 × \{'CPU': 1, 'training': 1\} cannot be placed: "
                                          r"the cluster has training=1$"):
         check_placeable(too_many)
+
+
+@pytest.mark.ray
+def test_check_placeable_waits_for_the_nodes_it_asked_for(multinode_cluster, multinode_driver):
+    """With autoscaler_wait_s the check asks for the campaign's bundles and passes once the nodes are up; here a
+    node is added by hand while it waits, as KubeRay's autoscaler would add a learner pod."""
+    cfg = parse_config({"judges": {"resources": {"num_cpus": 0}},
+                        "learner": {"workers": 2, "resources": {"custom": {"training": 1}}}})
+    with pytest.raises(ValueError, match=r"the cluster has training=1 \(after waiting 0.5 s for the autoscaler\)$"):
+        check_placeable(cfg, autoscaler_wait_s=0.5)
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(_raised(check_placeable, cfg, autoscaler_wait_s=90)))
+    waiter.start()
+    time.sleep(1.0)  # the check is polling; Ray starts nodes from the main thread only (signal handlers)
+    node = multinode_cluster.cluster.add_node(num_cpus=1, resources={"training": 1}, node_ip_address="127.0.0.1",
+                                              object_store_memory=OBJECT_STORE_BYTES)
+    try:
+        waiter.join(timeout=90)
+        assert outcome == [None]
+    finally:
+        multinode_cluster.cluster.remove_node(node)
+
+
+def _raised(fn, *args, **kwargs) -> Exception | None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # handed to the test's thread
+        return err
+    return None
