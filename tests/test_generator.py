@@ -29,9 +29,12 @@ def llm_config(model_dir: str, engine: str, algorithm: dict, max_new_tokens: int
     }).model_dump(mode="json")
 
 
-def perturbed(model, scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
+def perturb_(model, scale: float, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():  # a tied parameter once
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
 
 
 def push(state: dict, version: int) -> WeightPush:
@@ -65,25 +68,39 @@ def check_records(records, tokenizer, n: int, version: int, source: str, max_new
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    """The tiny model as loaded (π_ref) and a strongly perturbed copy (what the pushes carry)."""
-    ref = load_causal_lm(tiny_model_dir).eval()
-    pushed = load_causal_lm(tiny_model_dir).eval()
-    pushed.load_state_dict(perturbed(ref, 0.2))
-    return ref, pushed
+def tied_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model with its LM head tied to the token embeddings, as SmolLM2's: pushes store the tie once and
+    vLLM must refresh the LM head it derives from the embeddings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    target = tmp_path_factory.mktemp("tiny-tied")
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config)
+    untied = load_causal_lm(tiny_model_dir).state_dict()
+    model.load_state_dict({k: v for k, v in untied.items() if k != "lm_head.weight"}, strict=False)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(target)
+    load_tokenizer(tiny_model_dir).save_pretrained(target)
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def models(tied_model_dir):
+    """The model as loaded (π_ref) and a strongly perturbed copy (what the pushes carry)."""
+    return load_causal_lm(tied_model_dir).eval(), perturb_(load_causal_lm(tied_model_dir).eval(), 0.2)
 
 
 # ------------------------------------------------------------------------------------------------- vLLM
 
 @pytest.fixture(scope="module")
-def vllm_generator(tiny_model_dir):
-    return GeneratorActor(llm_config(tiny_model_dir, "vllm", {"name": "xpo"}))
+def vllm_generator(tied_model_dir):
+    return GeneratorActor(llm_config(tied_model_dir, "vllm", {"name": "xpo"}))
 
 
-def test_vllm_samples_are_records_with_the_models_logprobs(vllm_generator, models, tiny_model_dir):
+def test_vllm_samples_are_records_with_the_models_logprobs(vllm_generator, models, tied_model_dir):
     ref, _ = models
     records = vllm_generator.generate(PROMPTS, n=3)
-    check_records(records, load_tokenizer(tiny_model_dir), 3, version=0, source="policy", max_new_tokens=12)
+    check_records(records, load_tokenizer(tied_model_dir), 3, version=0, source="policy", max_new_tokens=12)
     # temperature 1, top-p 1: the sampling log-prob is the model's log-prob of the sampled sequence
     np.testing.assert_allclose([r["logprob"] for r in records], hf_logprobs(ref, records), atol=1e-3)
     same_seed = [vllm_generator.generate(PROMPTS, n=3, seed=11) for _ in range(2)]
@@ -128,14 +145,14 @@ def test_vllm_refuses_the_mixture_and_overlong_prompts(vllm_generator):
 # --------------------------------------------------------------------------------------------------- hf
 
 @pytest.fixture(scope="module")
-def hf_generator(tiny_model_dir):
-    return GeneratorActor(llm_config(tiny_model_dir, "hf", {"name": "nash_md", "mixture": 0.5}))
+def hf_generator(tied_model_dir):
+    return GeneratorActor(llm_config(tied_model_dir, "hf", {"name": "nash_md", "mixture": 0.5}))
 
 
-def test_hf_samples_push_and_reference(hf_generator, models, tiny_model_dir):
+def test_hf_samples_push_and_reference(hf_generator, models, tied_model_dir):
     ref, pushed = models
     records = hf_generator.generate(PROMPTS, n=3)
-    check_records(records, load_tokenizer(tiny_model_dir), 3, version=0, source="policy", max_new_tokens=12)
+    check_records(records, load_tokenizer(tied_model_dir), 3, version=0, source="policy", max_new_tokens=12)
     np.testing.assert_allclose([r["logprob"] for r in records], hf_logprobs(ref, records), atol=1e-4)
 
     model = hf_generator.engine.model
@@ -164,10 +181,10 @@ def mixture_logprobs(policy, reference, beta: float, records) -> np.ndarray:
     return np.array(totals)
 
 
-def test_hf_mixture_samples_the_geometric_mixture(tiny_model_dir, models):
+def test_hf_mixture_samples_the_geometric_mixture(tied_model_dir, models):
     ref, pushed = models
     beta = 0.5
-    generator = GeneratorActor(llm_config(tiny_model_dir, "hf", {"name": "nash_md", "mixture": beta},
+    generator = GeneratorActor(llm_config(tied_model_dir, "hf", {"name": "nash_md", "mixture": beta},
                                           max_new_tokens=1))
     generator.apply_weights(push(pushed.state_dict(), 1), 1)
     generator.engine.batch_size = 1000  # one token per sample: wide batches are cheap
