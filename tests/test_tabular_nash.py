@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import DNO, INPO, SPPO, IterativeDPO, NashMD
+from cluster.config import DNO, INPO, SPPO, XPO, IterativeDPO, NashMD, OnlineDPO, OnlineIPO
 from oracles.base import Comparison
 from oracles.games import (Game, MatrixOracle, exploitability, game_to_json, load_game, nash_equilibrium,
                            regularized_exploitability, regularized_nash, save_game, win_rate)
@@ -244,3 +244,19 @@ def test_iterative_dpo_fails_on_intransitive_games_and_works_on_bradley_terry(rp
                                seed=0)
     assert max(transitive.exploitability[-5:]) < 0.01
     assert transitive.policies[-1][0].argmax() == 4
+
+
+@pytest.mark.parametrize("cfg", [OnlineDPO(name="online_dpo"), OnlineIPO(name="online_ipo"), DNO(name="dno"),
+                                 INPO(name="inpo", label="soft")], ids=["online_dpo", "online_ipo", "dno", "inpo"])
+def test_every_pair_algorithm_improves_on_pi_ref_in_the_transitive_game(bt, cfg):
+    """Two rounds of 2000 pairs: each algorithm's records and loss move π towards the better actions."""
+    history = train_tabular(cfg, bt, iterations=2, pairs_per_iteration=2000, seed=0)
+    assert all(n > 0 for n in history.records)
+    assert np.allclose(history.policies[-1].sum(-1), 1.0)
+    assert history.win_rate_vs_ref[-1] > 0.52
+    assert history.exploitability[-1] < exploitability(bt.P, bt.pi_ref) - 0.02
+
+
+def test_xpo_is_refused_by_the_tabular_harness(bt):
+    with pytest.raises(ValueError, match="unbounded below"):
+        train_tabular(XPO(name="xpo"), bt, iterations=1)

@@ -232,6 +232,8 @@ def _minimise(algorithm: Algorithm, cfg, policy: TabularPolicy, batch, weights, 
         return loss
 
     optimizer.step(closure)
+    if not torch.isfinite(policy.logits).all():
+        raise RuntimeError(f"{algorithm.name}: the round's loss diverged (non-finite logits)")
 
 
 def train_tabular(algorithm_cfg, game: Game, iterations: int, pairs_per_iteration: int = 10_000,
@@ -254,6 +256,9 @@ def train_tabular(algorithm_cfg, game: Game, iterations: int, pairs_per_iteratio
 def _train_tabular(algorithm_cfg, game, iterations, pairs_per_iteration, samples_per_group, strategy, seed, tau,
                    nash_md_lr, lbfgs_max_iter) -> TabularHistory:
     algorithm = get_algorithm(algorithm_cfg.name)
+    if algorithm.name == "xpo" and algorithm_cfg.alpha > 0:
+        raise ValueError("xpo: α·log π(x) is unbounded below over free tabular logits (π(x) → 0), so a round has no "
+                         "minimiser to converge to; XPO's analysis assumes a policy class with bounded log-ratios")
     tau = tau if tau is not None else getattr(algorithm_cfg, "tau", 0.1)
     policy = TabularPolicy.from_game(game)
     oracle = MatrixOracle(game, sample=True, seed=seed)
