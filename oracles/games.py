@@ -11,6 +11,7 @@ batched scalar measures are the mean over prompts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,8 @@ class MatrixOracle(PreferenceOracle):
         self.game = game
         self.sample = sample
         self.rng = np.random.default_rng(seed)
-        self.oracle_id = f"matrix:{'bernoulli' if sample else 'exact'}:{','.join(game.prompts)}"
+        digest = hashlib.sha256(json.dumps(game_to_json(game), sort_keys=True).encode()).hexdigest()[:16]
+        self.oracle_id = f"matrix:{'bernoulli' if sample else 'exact'}:{digest}"  # the same game, the same id
         self._prompt_index = {name: p for p, name in enumerate(game.prompts)}
         self._n_actions = game.n_actions
 

@@ -163,6 +163,9 @@ def test_matrix_oracle_exact_and_bernoulli_verdicts(rps):
     noisy = MatrixOracle(rps, sample=True, seed=3).compare([Comparison("rps", "1", "0")] * 4000)
     probs = np.array([v.prob for v in noisy])
     assert set(probs) == {0.0, 1.0} and abs(probs.mean() - 0.9) < 0.02
+    assert MatrixOracle(rps).oracle_id == MatrixOracle(load_game("builtin:rps"), seed=9).oracle_id
+    assert len({MatrixOracle(rps).oracle_id, MatrixOracle(rps, sample=False).oracle_id,
+                MatrixOracle(load_game("builtin:bt")).oracle_id}) == 3
 
 
 def test_matrix_oracle_drops_unknown_prompts_and_bad_actions_with_reasons(rps):

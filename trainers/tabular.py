@@ -33,7 +33,8 @@ class TabularPolicy(torch.nn.Module):
         super().__init__()
         probs = torch.as_tensor(np.asarray(probs, dtype=np.float64))
         if probs.ndim != 2 or probs.shape[1] < 2:
-            raise ValueError(f"TabularPolicy needs probabilities of shape [n_prompts, A >= 2], got {tuple(probs.shape)}")
+            raise ValueError(f"TabularPolicy needs probabilities of shape [n_prompts, A >= 2], "
+                             f"got {tuple(probs.shape)}")
         if not torch.all(probs > 0):
             raise ValueError("TabularPolicy needs strictly positive initial probabilities (log of 0 is -inf)")
         self.logits = torch.nn.Parameter(torch.log(probs / probs.sum(-1, keepdim=True)))
@@ -236,6 +237,7 @@ def _minimise(algorithm: Algorithm, cfg, policy: TabularPolicy, batch, weights, 
         raise RuntimeError(f"{algorithm.name}: the round's loss diverged (non-finite logits)")
 
 
+@_one_thread()
 def train_tabular(algorithm_cfg, game: Game, iterations: int, pairs_per_iteration: int = 10_000,
                   samples_per_group: int = 8, strategy: str = "all_pairs", seed: int = 0, tau: float | None = None,
                   nash_md_lr: float = 1.0, lbfgs_max_iter: int = 500) -> TabularHistory:
@@ -248,13 +250,6 @@ def train_tabular(algorithm_cfg, game: Game, iterations: int, pairs_per_iteratio
     ``pairs_per_iteration`` fresh policy samples against fresh samples of the recomputed mixture.
 
     ``tau`` (default: the config's τ, else 0.1) is the regularisation of the recorded regularised exploitability."""
-    with _one_thread():
-        return _train_tabular(algorithm_cfg, game, iterations, pairs_per_iteration, samples_per_group, strategy, seed,
-                              tau, nash_md_lr, lbfgs_max_iter)
-
-
-def _train_tabular(algorithm_cfg, game, iterations, pairs_per_iteration, samples_per_group, strategy, seed, tau,
-                   nash_md_lr, lbfgs_max_iter) -> TabularHistory:
     algorithm = get_algorithm(algorithm_cfg.name)
     if algorithm.name == "xpo" and algorithm_cfg.alpha > 0:
         raise ValueError("xpo: α·log π(x) is unbounded below over free tabular logits (π(x) → 0), so a round has no "
