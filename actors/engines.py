@@ -85,6 +85,13 @@ class Engine(ABC):
 
 # -------------------------------------------------------------------------------------------- LLM engines
 
+class PromptTooLong(ValueError):
+    def __init__(self, prompt_id: str, n_tokens: int, limit: int):
+        super().__init__(f"prompt {prompt_id!r} is {n_tokens} tokens with its chat template, over "
+                         f"model.max_prompt_tokens = {limit}")
+        self.prompt_id, self.n_tokens, self.limit = prompt_id, n_tokens, limit
+
+
 class _ChatEngine(Engine):
     """Chat-template prompt encoding shared by the LLM engines."""
 
@@ -112,13 +119,6 @@ class _ChatEngine(Engine):
 
     def decode_response(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-class PromptTooLong(ValueError):
-    def __init__(self, prompt_id: str, n_tokens: int, limit: int):
-        super().__init__(f"prompt {prompt_id!r} is {n_tokens} tokens with its chat template, over "
-                         f"model.max_prompt_tokens = {limit}")
-        self.prompt_id, self.n_tokens, self.limit = prompt_id, n_tokens, limit
 
 
 class HFEngine(_ChatEngine):
@@ -277,7 +277,8 @@ class VLLMEngine(_ChatEngine):
         self.llm = LLM(model=resolve_model_path(self.model_path), dtype=config["model"]["dtype"],
                        enforce_eager=True, seed=config["seed"] * 1_000_003 + rank,
                        distributed_executor_backend="uni", gpu_memory_utilization=gen["gpu_memory_utilization"],
-                       max_model_len=self.max_prompt_tokens + self.max_new_tokens,
+                       # + 1: sequence_logprobs scores a full prompt + response and asks for one more token
+                       max_model_len=self.max_prompt_tokens + self.max_new_tokens + 1,
                        trust_remote_code=config["model"]["trust_remote_code"],
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls=f"{VLLMWorkerExtension.__module__}.{VLLMWorkerExtension.__qualname__}")

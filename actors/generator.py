@@ -47,6 +47,8 @@ class GeneratorActor:
             missing = [k for k in PROMPT_KEYS if not isinstance(p, dict) or k not in p]
             if missing:
                 raise ValueError(f"prompts[{i}] lacks {missing}: each prompt is a dict with {list(PROMPT_KEYS)}")
+        if not prompts:
+            return []
         start = time.perf_counter()
         prompt_ids = [self.engine.encode_prompt(p["prompt_id"], p["prompt"]) for p in prompts]
         drawn = self.engine.sample(prompt_ids, n, source, seed)

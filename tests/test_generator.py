@@ -90,6 +90,17 @@ def models(tied_model_dir):
     return load_causal_lm(tied_model_dir).eval(), perturb_(load_causal_lm(tied_model_dir).eval(), 0.2)
 
 
+def test_sampling_logprobs_temper_then_keep_the_top_p_mass():
+    from actors.engines import sampling_logprobs
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 1.0).exp(), probs)
+    np.testing.assert_allclose(sampling_logprobs(probs.log(), 2.0, 1.0).exp(), probs.sqrt() / probs.sqrt().sum())
+    np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 0.7).exp(), [[0.625, 0.375, 0, 0]])
+    np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 0.81).exp(), [[0.5, 0.3, 0.15, 0]] / np.float64(0.95))
+    np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 0.2).exp(), [[1.0, 0, 0, 0]])
+    assert sampling_logprobs(probs.log(), 1.0, 0.2)[0, 1] == float("-inf")
+
+
 # ------------------------------------------------------------------------------------------------- vLLM
 
 @pytest.fixture(scope="module")
@@ -131,6 +142,9 @@ def test_vllm_push_in_place_matches_transformers(vllm_generator, models):
     np.testing.assert_allclose(vllm_generator.sequence_logprobs(prompt_ids, response_ids), after, atol=1e-5)
     stats = vllm_generator.stats()
     assert stats["pushes"] == 1 and stats["tokens_generated"] > 0 and stats["busy_s"] > 0
+    # a state dict (what a broadcast receiver hands over, tied names included) loads through the same reload
+    vllm_generator.engine.load_weights(ref.state_dict())
+    np.testing.assert_allclose(vllm_generator.sequence_logprobs(prompt_ids, response_ids), before, atol=1e-5)
 
 
 def test_vllm_refuses_the_mixture_and_overlong_prompts(vllm_generator):
