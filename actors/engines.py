@@ -354,7 +354,8 @@ class TabularEngine(Engine):
         try:
             return [self.game.index(prompt)]
         except ValueError:
-            raise ValueError(f"prompt {prompt_id!r}: {prompt!r} is not a prompt of game {self.config['data']['game']!r} "
+            game = self.config["data"]["game"]
+            raise ValueError(f"prompt {prompt_id!r}: {prompt!r} is not a prompt of game {game!r} "
                              f"(its prompts: {self.game.prompts[:10]})") from None
 
     def decode_response(self, ids: list[int]) -> str:

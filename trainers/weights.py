@@ -221,7 +221,8 @@ class NcclBroadcastTransport:
         import torch.distributed as dist
 
         if world_size < 2:
-            raise ValueError(f"a weight broadcast needs the learner and at least one generator, world_size={world_size}")
+            raise ValueError(f"a weight broadcast needs the learner and at least one generator, "
+                             f"world_size={world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"broadcast rank {rank} is outside [0, {world_size})")
         if backend not in ("nccl", "gloo"):
