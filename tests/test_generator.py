@@ -96,7 +96,7 @@ def test_sampling_logprobs_temper_then_keep_the_top_p_mass():
     np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 1.0).exp(), probs)
     np.testing.assert_allclose(sampling_logprobs(probs.log(), 2.0, 1.0).exp(), probs.sqrt() / probs.sqrt().sum())
     np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 0.7).exp(), [[0.625, 0.375, 0, 0]])
-    np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 0.81).exp(), [[0.5, 0.3, 0.15, 0]] / 0.95)
+    np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 0.81).exp(), [[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]])
     np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 0.2).exp(), [[1.0, 0, 0, 0]])
     assert sampling_logprobs(probs.log(), 1.0, 0.2)[0, 1] == float("-inf")
 
