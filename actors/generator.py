@@ -7,6 +7,7 @@ weights inside the running engine and bumps :meth:`version`, which every sample 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -30,7 +31,9 @@ class GeneratorActor:
         self._push_s = 0.0
 
     def ready(self) -> dict[str, Any]:
-        return {"rank": self.rank, "engine": self.engine.name, "version": self._version}
+        import ray
+        return {"rank": self.rank, "engine": self.engine.name, "version": self._version,
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def version(self) -> int:
         return self._version

@@ -11,6 +11,7 @@ retry included. ``score`` serves the ``score`` strategy with oracles that score 
 from __future__ import annotations
 
 import logging
+import os
 
 from oracles import build_oracle, is_deterministic, oracle_config
 from oracles.base import Comparison, Verdict
@@ -44,8 +45,10 @@ class JudgeActor:
         self.retries = retries
         self._calls = 0
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict:
+        import ray
+        return {"oracle": self.oracle.oracle_id, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
 
     def calls(self) -> int:
         return self._calls

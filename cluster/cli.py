@@ -46,8 +46,10 @@ def cmd_submit(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     entry = ["python", "-m", "cluster.cli", "run", os.path.basename(args.config)] + sum(
         (["--set", s] for s in args.set or []), [])
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
-           "--working-dir", args.working_dir] + (["--no-wait"] if args.no_wait else []) + ["--"] + entry
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", args.working_dir,
+           "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs"]})] + (
+        ["--no-wait"] if args.no_wait else []) + ["--"] + entry
     print(" ".join(cmd), file=sys.stderr)
     return subprocess.call(cmd)
 

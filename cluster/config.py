@@ -124,6 +124,11 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(64, gt=0)
 
 
+FailurePolicy = Literal["retry", "drop", "abort"]
+"""What a role does when one of its actors dies or hangs: replace it (``retry``), go on without it (``drop``, its
+work re-balanced onto the others), or stop the campaign (``abort``)."""
+
+
 class Resources(Strict):
     """What one actor of a role asks Ray for; ``custom`` names KubeRay worker-group resources (``inference: 1``)."""
     num_cpus: float = Field(1, ge=0)
@@ -138,7 +143,9 @@ class GeneratorConfig(Strict):
     resources: Resources = Resources()
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    timeout_s: float = Field(600, gt=0)
+    timeout_s: float = Field(600, gt=0, description="a call (generate, push) not answered by then is a failure")
+    on_failure: FailurePolicy = "retry"
+    max_restarts: int = Field(3, ge=0, description="replacements of dead or hung generators per campaign")
 
 
 # ------------------------------------------------------------------------------------------------- judges
@@ -238,7 +245,9 @@ class JudgeConfig(Strict):
     budget_per_round: int | None = Field(None, ge=1, description="cap on judge calls per round")
     retries: int = Field(2, ge=0)
     resources: Resources = Resources()
-    timeout_s: float = Field(600, gt=0)
+    timeout_s: float = Field(600, gt=0, description="a judge call not answered by then is a failure")
+    on_failure: FailurePolicy = "retry"
+    max_restarts: int = Field(3, ge=0, description="replacements of dead or hung judges per campaign")
     serve: JudgeServeConfig = JudgeServeConfig()
 
 
@@ -261,7 +270,9 @@ class LearnerConfig(Strict):
     epochs_per_round: int = Field(1, ge=1)
     resources: Resources = Resources()
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default: the worker's CPUs")
-    timeout_s: float = Field(1800, gt=0)
+    timeout_s: float = Field(1800, gt=0, description="a round not trained by then is a failure")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last round checkpoint) that "
+                                                   "Ray Train may make per campaign")
 
 
 # --------------------------------------------------------------------------------------------------- data

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.actor_pool import ActorPool
 from cluster.config import CampaignConfig, dump_config, load_config
 from cluster.progress import Progress
 from cluster.prompts import PromptSplit, load_prompts, split_prompts
@@ -30,59 +31,74 @@ from cluster.run_dir import CampaignState, RunDir, atomic_write_json, read_table
 
 @dataclass
 class Roles:
-    """The campaign's Ray actors and the learner; ``config`` is the JSON form every actor is built from."""
+    """The campaign's actor pools and the learner; ``config`` is the JSON form every actor is built from;
+    ``current_push`` is the newest weight push, which a replacement generator is brought to."""
     config: dict
-    generators: list
-    judges: list
+    generators: ActorPool
+    judges: ActorPool
     learner: object
+    current_push: object = None
 
     def shutdown(self) -> None:
-        import ray
         self.learner.shutdown()
-        for actor in self.generators + self.judges:
-            ray.kill(actor)
+        self.generators.shutdown()
+        self.judges.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ phases
 
-def _get(refs, timeout_s: float, role: str):
-    """ray.get that turns a hang into an error naming the role."""
-    import ray
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{role} did not answer within {timeout_s:g}s") from None
+def generate(roles: Roles, prompts: list[dict], k: int, source: str, timeout_s: float | None = None) -> list[dict]:
+    """K samples per prompt from the generators, prompts spread round-robin over them (the pool's timeout applies;
+    ``timeout_s`` is kept for callers of the earlier signature)."""
+    n = len(roles.generators)
+    chunks = [(prompts[i::n], k, source) for i in range(n) if prompts[i::n]]
+    return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
 
 
-def generate(roles: Roles, prompts: list[dict], k: int, source: str, timeout_s: float) -> list[dict]:
-    """K samples per prompt from the generators, prompts spread round-robin over them."""
-    gens = roles.generators
-    chunks = [prompts[i::len(gens)] for i in range(len(gens))]
-    refs = [g.generate.remote(chunk, k, source) for g, chunk in zip(gens, chunks) if chunk]
-    return [s for part in _get(refs, timeout_s, f"generators ({source} samples)") for s in part]
-
-
-def judge(roles: Roles, comparisons: list[dict], timeout_s: float) -> list[dict]:
+def judge(roles: Roles, comparisons: list[dict], timeout_s: float | None = None) -> list[dict]:
     """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over the judges in contiguous chunks."""
     if not comparisons:
         return []
     size = math.ceil(len(comparisons) / len(roles.judges))
-    refs = [j.judge.remote(comparisons[i * size:(i + 1) * size]) for i, j in enumerate(roles.judges)
-            if comparisons[i * size:(i + 1) * size]]
-    return [v for part in _get(refs, timeout_s, "judges") for v in part]
+    chunks = [(comparisons[i:i + size],) for i in range(0, len(comparisons), size)]
+    return [v for part in roles.judges.map("judge", chunks, "judgements") for v in part]
+
+
+def score_comparisons(roles: Roles, by_prompt: dict[str, list[dict]], planned: list[tuple]) -> list[dict]:
+    """The ``score`` strategy: one oracle score per response, each planned pair's verdict σ(s_a − s_b)."""
+    items = [(p, i) for p, samples in by_prompt.items() for i in range(len(samples))]
+    size = math.ceil(len(items) / len(roles.judges))
+    chunks = [([{"prompt": by_prompt[p][i]["prompt"], "response": by_prompt[p][i]["response"]}
+                for p, i in items[n:n + size]],) for n in range(0, len(items), size)]
+    scored = dict(zip(items, (s for part in roles.judges.map("score", chunks, "scores") for s in part)))
+    verdicts = []
+    for p, i, j in planned:
+        a, b = scored[(p, i)], scored[(p, j)]
+        if a["score"] is None or b["score"] is None:
+            verdicts.append({"prob": None, "reason": a["reason"] or b["reason"], "cached": False})
+        else:
+            verdicts.append({"prob": float(1 / (1 + math.exp(b["score"] - a["score"]))), "reason": None,
+                             "cached": False})
+    return verdicts
 
 
 def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[str, list[dict]],
                 rng: np.random.Generator) -> tuple[list[dict], dict[str, dict]]:
-    """Plan each prompt's comparisons, judge them all in one batch; judgement rows and {prompt: {(i, j): p}}."""
+    """Plan each prompt's comparisons and judge them all in one batch (or derive them from per-response scores);
+    judgement rows and {prompt: {(i, j): p}}."""
     budget = cfg.judges.budget_per_round
     per_prompt = None if budget is None else max(1, budget // max(1, len(by_prompt)))
+    scoring = cfg.judges.strategy == "score"
     planned = []
     for prompt_id, samples in by_prompt.items():
-        for i, j in algorithm.plan(samples, cfg.judges.strategy, per_prompt, rng):
+        # Scores give every pair for the price of one call per response: plan all of them.
+        for i, j in algorithm.plan(samples, "all_pairs" if scoring else cfg.judges.strategy, per_prompt, rng):
             planned.append((prompt_id, i, j))
-    verdicts = judge(roles, [{"prompt": by_prompt[p][i]["prompt"], "a": by_prompt[p][i]["response"],
-                              "b": by_prompt[p][j]["response"]} for p, i, j in planned], cfg.judges.timeout_s)
+    if scoring:
+        verdicts = score_comparisons(roles, by_prompt, planned)
+    else:
+        verdicts = judge(roles, [{"prompt": by_prompt[p][i]["prompt"], "a": by_prompt[p][i]["response"],
+                                  "b": by_prompt[p][j]["response"]} for p, i, j in planned])
     rows, judged = [], {p: {} for p in by_prompt}
     for (prompt_id, i, j), verdict in zip(planned, verdicts):
         rows.append({"prompt_id": prompt_id, "i": i, "j": j, "prob": verdict["prob"], "reason": verdict["reason"],
@@ -109,20 +125,21 @@ def group_by_prompt(samples: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
-def push_weights(roles: Roles, push, version: int, timeout_s: float) -> float:
-    """Every generator applies the same push (one object-store reference) in place; returns the seconds it took."""
+def push_weights(roles: Roles, push, version: int) -> float:
+    """Every generator applies the same push (one object-store reference) in place; returns the seconds it took.
+    A generator replaced during the push gets the push too (the pool's ``prepare`` hook)."""
     start = time.perf_counter()
-    versions = _get([g.apply_weights.remote(push, version) for g in roles.generators], timeout_s,
-                    "weight push")
+    roles.current_push = push
+    versions = roles.generators.broadcast("apply_weights", push, version, what="weight push")
     if any(v != version for v in versions):
         raise RuntimeError(f"weight push: generators report versions {versions}, expected {version}")
     return time.perf_counter() - start
 
 
-def verify_push(roles: Roles, probe: dict, timeout_s: float) -> float:
+def verify_push(roles: Roles, probe: dict) -> float:
     """Largest |log π_generator − log π_learner| over the learner's probe sequences, across all generators."""
-    got = _get([g.sequence_logprobs.remote(probe["prompt_ids"], probe["response_ids"]) for g in roles.generators],
-               timeout_s, "generators (push check)")
+    got = roles.generators.broadcast("sequence_logprobs", probe["prompt_ids"], probe["response_ids"],
+                                     what="push check")
     return float(max(abs(a - b) for values in got for a, b in zip(values, probe["logprobs"])))
 
 
@@ -146,8 +163,10 @@ class Campaign:
         cfg, run, algo, progress = self.cfg, self.run, self.algorithm, self.progress
         round_dir = run.round_dir(t)
         rng = np.random.default_rng([cfg.seed, t])
-        metrics: dict = {"round": t, "version": version}
+        metrics: dict = {"round": t, "version": version, "generators": len(roles.generators),
+                         "judges": len(roles.judges), "learner_workers": cfg.learner.workers}
         timer = time.perf_counter
+        restarts = (roles.generators.restarts, roles.judges.restarts)
 
         prompts = [p.as_dict() for p in self.split.for_round(t, cfg.schedule.prompts_per_round)]
         samples_path = round_dir / "samples.parquet"
@@ -156,12 +175,12 @@ class Campaign:
                 samples = read_table(samples_path)
             else:
                 t0 = timer()
-                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", cfg.generators.timeout_s)
+                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy")
                 if algo.ref_samples:
-                    samples += generate(roles, prompts, algo.ref_samples, "ref", cfg.generators.timeout_s)
+                    samples += generate(roles, prompts, algo.ref_samples, "ref")
                 if algo.mixture_samples:
                     samples += generate(roles, prompts, cfg.schedule.samples_per_prompt * algo.mixture_samples,
-                                        "mixture", cfg.generators.timeout_s)
+                                        "mixture")
                 metrics["generate_s"] = timer() - t0
                 metrics["generated_tokens"] = sum(len(s["response_ids"]) for s in samples)
                 metrics["generate_tokens_per_s"] = metrics["generated_tokens"] / max(metrics["generate_s"], 1e-9)
@@ -195,25 +214,24 @@ class Campaign:
         dataset = self._persist_dataset(records, train_dir)
 
         checkpoint = run.checkpoint_dir(t)
-        with progress.phase("train", t) as ph:
-            if run.complete_checkpoint(t):  # trained before a crash: reuse, never train twice
-                result = self._result_from_checkpoint(checkpoint, version + 1)
-            else:
-                result = roles.learner.train_round(t, dataset.split(self.cfg.learner.workers, equal=True),
-                                                   checkpoint, version + 1)
+        with progress.phase("train", t) as ph:  # a round whose checkpoint is complete is not trained again
+            result = roles.learner.train_round(t, dataset.split(self.cfg.learner.workers, equal=True), checkpoint,
+                                               version + 1)
             ph.done(f"loss {result['loss']:.4f}")
         weights, probe = result.pop("weights"), result.pop("probe")
         metrics.update({k: v for k, v in result.items() if k != "round"})
 
         with progress.phase("push", t) as ph:
-            metrics["push_s"] = push_weights(roles, weights, version + 1, cfg.generators.timeout_s)
-            metrics["push_logprob_max_abs_diff"] = verify_push(roles, probe, cfg.generators.timeout_s)
+            metrics["push_s"] = push_weights(roles, weights, version + 1)
+            metrics["push_logprob_max_abs_diff"] = verify_push(roles, probe)
             ph.done(f"version {version + 1}, generator log-probs within "
                     f"{metrics['push_logprob_max_abs_diff']:.1e} of the learner's")
         if self.cfg.evaluation.every_rounds and (t + 1) % self.cfg.evaluation.every_rounds == 0:
             with progress.phase("eval", t) as ph:
                 metrics.update(self.evaluate(roles, weights))
                 ph.done(_eval_summary(metrics))
+        metrics["generator_restarts"] = roles.generators.restarts - restarts[0]
+        metrics["judge_restarts"] = roles.judges.restarts - restarts[1]
         atomic_write_json(round_dir / "metrics.json", metrics)
         return metrics
 
@@ -225,23 +243,13 @@ class Campaign:
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
             import pyarrow as pa
-            ray.data.from_arrow(pa.Table.from_pylist(records)).write_parquet(str(tmp))
+            # The round's actors may hold every CPU of the cluster: Ray Data's tasks must not wait for one.
+            ray.data.from_arrow(pa.Table.from_pylist(records)).write_parquet(str(tmp),
+                                                                            ray_remote_args={"num_cpus": 0})
             (tmp / "_SUCCESS").write_text(str(len(records)))
             shutil.rmtree(train_dir, ignore_errors=True)
             tmp.rename(train_dir)
-        return ray.data.read_parquet(str(train_dir), file_extensions=["parquet"])
-
-    def _result_from_checkpoint(self, checkpoint: Path, version: int) -> dict:
-        """A round's learner result rebuilt from its complete checkpoint: the metrics saved in its marker and a push
-        of its safetensors weights."""
-        import json
-
-        from safetensors.torch import load_file
-        from trainers.weights import ObjectStoreTransport
-        marker = json.loads((checkpoint / "COMPLETE").read_text())
-        state = {k: v for f in sorted(checkpoint.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-        return {**marker["metrics"], "weights": ObjectStoreTransport().publish(state, version),
-                "from_checkpoint": True}
+        return ray.data.read_parquet(str(train_dir), file_extensions=["parquet"], ray_remote_args={"num_cpus": 0})
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, roles: Roles, push) -> dict:
@@ -256,28 +264,41 @@ class Campaign:
         from cluster.placement import actor_options, check_placeable
         from trainers.learner import Learner
 
-        cfg = self.cfg
+        cfg, run = self.cfg, self.run
         check_placeable(cfg)
         config = cfg.model_dump(mode="json")
-        generators = [ray.remote(GeneratorActor).options(**actor_options(cfg.generators.resources),
-                                                         name=None).remote(config, rank)
-                      for rank in range(cfg.generators.count)]
-        judges = [ray.remote(JudgeActor).options(**actor_options(cfg.judges.resources)).remote(
-            cfg.judges.oracle.model_dump(mode="json"), str(self.run.judge_cache), cfg.judges.retries,
-            cfg.data.game) for _ in range(cfg.judges.count)]
-        # A crash between a round's checkpoint and its state.json leaves a newer complete checkpoint: the learner
-        # continues from it (that round is then finished from its files, not trained again).
-        newest = self.run.complete_checkpoint(state.rounds_completed)
-        learner = Learner(config, self.run.root, resume_from=str(newest) if newest else state.checkpoint)
-        _get([g.ready.remote() for g in generators], cfg.generators.timeout_s, "generators (start)")
-        _get([j.ready.remote() for j in judges], cfg.judges.timeout_s, "judges (start)")
-        return Roles(config, generators, judges, learner)
+        gen_cls = ray.remote(GeneratorActor).options(**actor_options(cfg.generators.resources))
+        judge_cls = ray.remote(JudgeActor).options(**actor_options(cfg.judges.resources))
+        oracle = cfg.judges.oracle.model_dump(mode="json")
+
+        def bring_to_current(generator) -> None:
+            if roles.current_push is not None:
+                ray.get(generator.apply_weights.remote(roles.current_push, roles.current_push.version))
+
+        generators = ActorPool("generators", lambda rank: gen_cls.remote(config, rank), cfg.generators.count,
+                               cfg.generators.on_failure, cfg.generators.max_restarts, cfg.generators.timeout_s,
+                               prepare=bring_to_current)
+        judges = ActorPool("judges", lambda rank: judge_cls.remote(oracle, str(run.judge_cache), cfg.judges.retries,
+                                                                   cfg.data.game, seed=cfg.seed + rank),
+                           cfg.judges.count, cfg.judges.on_failure, cfg.judges.max_restarts, cfg.judges.timeout_s)
+        # The learner starts from the newest complete checkpoint, which can be one round ahead of state.json (a crash
+        # between the two): that round is then finished from its files, not trained again.
+        learner = Learner(config, run.root)
+        roles = Roles(config, generators, judges, learner)
+        try:
+            placed = {"generators": generators.broadcast("ready", what="start"),
+                      "judges": judges.broadcast("ready", what="start"),
+                      "learner": [{"rank": r, **w} for r, w in enumerate(learner.workers())]}
+        except BaseException:
+            roles.shutdown()
+            raise
+        atomic_write_json(run.root / "roles.json", placed)  # where each role runs, for `nashray status`
+        return roles
 
     def run_rounds(self, roles: Roles, state: CampaignState) -> CampaignState:
         cfg, run = self.cfg, self.run
         if state.checkpoint:  # generators start from the base model: bring them to the resumed version
-            weights = self._result_from_checkpoint(Path(state.checkpoint), state.version)["weights"]
-            push_weights(roles, weights, state.version, cfg.generators.timeout_s)
+            push_weights(roles, roles.learner.current_weights(state.version), state.version)
         elif cfg.evaluation.every_rounds:
             from cluster.evaluation import ensure_baseline
             ensure_baseline(self, roles)
@@ -285,7 +306,7 @@ class Campaign:
             metrics = self.round(roles, t, state.version)
             state = CampaignState(rounds_completed=t + 1, version=state.version + 1,
                                   checkpoint=str(run.checkpoint_dir(t)))
-            run.append_metrics(metrics)
+            run.record_metrics(metrics)
             run.write_state(state)  # last: a crash before this line replays (from its files) only this round
             run.prune_checkpoints(cfg.storage.keep_checkpoints, protect=t)
             self.progress.round_summary(metrics)

@@ -21,6 +21,7 @@ def init_local_ray(num_cpus: int | None = None, object_store_gib: float = 1.0, t
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
     if ray.is_initialized():
         return ray
+    address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for the job's driver
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return ray

@@ -151,13 +151,11 @@ class RunDir:
             if path.name != f"round-{protect:04d}":
                 shutil.rmtree(path, ignore_errors=True)
 
-    def append_metrics(self, metrics: dict) -> None:
-        line = json.dumps(metrics, sort_keys=True) + "\n"
-        try:
-            with open(self.metrics_path, "a") as f:
-                f.write(line)
-        except OSError as err:
-            raise RunDirError(f"cannot append to {self.metrics_path}: {err.strerror or err}") from err
+    def record_metrics(self, metrics: dict) -> None:
+        """Add a round's line to metrics.jsonl, replacing a line of the same round that a crash after this call (and
+        before state.json) left behind: a replayed round is never counted twice."""
+        lines = [m for m in self.metrics() if m["round"] != metrics["round"]] + [metrics]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(m, sort_keys=True) + "\n" for m in lines).encode())
 
     def metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

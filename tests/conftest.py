@@ -29,12 +29,21 @@ def smollm2_dir() -> str:
     return str(smollm2_hf_folder())
 
 
-@pytest.fixture(scope="session")
+_RAY_TEMP = tempfile.mkdtemp(prefix="nashray-ray-", dir="/tmp")
+
+
+@pytest.fixture
 def ray_cluster():
-    """One real local Ray cluster for the session, loopback only, bounded object store, private temp dir."""
+    """A real local Ray cluster, loopback only, bounded object store, private temp dir; started on first use and
+    kept for the session (started again if a test, such as the multi-node one, shut it down)."""
     import ray
     from cluster.ray_util import init_local_ray
-    temp = tempfile.mkdtemp(prefix="nashray-ray-", dir="/tmp")
-    init_local_ray(num_cpus=4, object_store_gib=0.5, temp_dir=temp)
+    init_local_ray(num_cpus=6, object_store_gib=0.75, temp_dir=_RAY_TEMP)
     yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray():
+    yield
+    import ray
     ray.shutdown()

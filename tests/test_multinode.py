@@ -257,3 +257,41 @@ def _raised(fn, *args, **kwargs) -> Exception | None:
     except Exception as err:  # handed to the test's thread
         return err
     return None
+
+
+@pytest.mark.ray
+def test_campaign_places_roles_and_resumes_with_more_generators(multinode_cluster, multinode_driver, tmp_path):
+    """A real campaign on the 3-node cluster: generators only on the inference node, the learner worker only on the
+    training node; resumed with two generators, it runs with both and the same learner."""
+    import json
+
+    import yaml
+
+    from cluster.driver import run_campaign
+
+    config = tmp_path / "campaign.yaml"
+    config.write_text(yaml.safe_dump({
+        "algorithm": {"name": "inpo"},
+        "generators": {"count": 1, "engine": "tabular", "resources": {"num_cpus": 0.5, "custom": {"inference": 1}}},
+        "judges": {"count": 1, "oracle": {"kind": "matrix"}, "resources": {"num_cpus": 0.25}},
+        "learner": {"workers": 1, "precision": "fp32", "micro_batch_size": 64, "threads_per_worker": 1,
+                    "optimizer": {"name": "adam", "lr": 0.05},
+                    "resources": {"num_cpus": 1, "custom": {"training": 1}}},
+        "data": {"game": "builtin:rps"},
+        "schedule": {"rounds": 2, "prompts_per_round": 1, "samples_per_prompt": 16},
+        "storage": {"run_dir": str(tmp_path / "run")},
+        "cluster": {"address": multinode_cluster.address},
+    }))
+    inference, training = multinode_cluster.node_ids["inference"], multinode_cluster.node_ids["training"]
+
+    run = run_campaign(str(config))
+    roles = json.loads((run.root / "roles.json").read_text())
+    assert [g["node_id"] for g in roles["generators"]] == [inference]
+    assert [w["node_id"] for w in roles["learner"]] == [training]
+
+    run_campaign(resume=str(run.root), overrides={"generators.count": 2, "schedule.rounds": 3})
+    roles = json.loads((run.root / "roles.json").read_text())
+    assert [g["node_id"] for g in roles["generators"]] == [inference, inference]
+    assert [w["node_id"] for w in roles["learner"]] == [training]
+    metrics = run.metrics()
+    assert [(m["round"], m["generators"], m["learner_workers"]) for m in metrics] == [(0, 1, 1), (1, 1, 1), (2, 2, 1)]

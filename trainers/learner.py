@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 STOP = "stop"
+WEIGHTS = "weights"
 CHECKPOINT_DONE = "COMPLETE"
 
 
@@ -32,6 +33,8 @@ class LearnerMailbox:
         self._tasks: dict[int, dict] = {}
         self._results: dict[int, dict] = {}
         self._errors: list[str] = []
+        self._workers: dict[int, str] = {}
+        self._answered: set[int] = set()
         self._changed = asyncio.Condition()
 
     async def _notify(self):
@@ -52,7 +55,28 @@ class LearnerMailbox:
                 return None
         return self._tasks[seq]
 
+    async def register(self, rank: int, worker: dict) -> None:
+        self._workers[rank] = worker
+        await self._notify()
+
+    async def workers(self, world_size: int, timeout_s: float) -> dict[int, dict] | None:
+        """Node and pid of each learner worker, once all ``world_size`` have built their engine."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: len(self._workers) == world_size or self._errors), timeout_s)
+            except asyncio.TimeoutError:
+                return None
+        if self._errors:
+            raise RuntimeError("learner worker failed: " + " | ".join(self._errors))
+        return dict(self._workers)
+
+    async def first_open(self) -> int:
+        """The first task without a result: where a (re)started worker begins."""
+        return min((seq for seq in self._tasks if seq not in self._answered), default=len(self._tasks))
+
     async def post_result(self, seq: int, result: dict) -> None:
+        self._answered.add(seq)
         self._results[seq] = result
         await self._notify()
 
@@ -210,6 +234,12 @@ def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, 
     dist.barrier()
 
 
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest round checkpoint under ``root`` that has its COMPLETE marker (a torn one never has)."""
+    done = sorted(p for p in root.glob("round-*") if (p / CHECKPOINT_DONE).is_file())
+    return done[-1] if done else None
+
+
 def learner_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker: build once, then serve rounds from the mailbox until told to stop."""
     import deepspeed
@@ -240,16 +270,19 @@ def learner_loop(loop_config: dict) -> None:
         optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], learner_cfg["optimizer"])
         engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                           config=deepspeed_config(learner_cfg, world))
-        resume_from = loop_config.get("resume_from")
-        if resume_from:
-            engine.load_checkpoint(str(Path(resume_from) / "deepspeed"), tag="state")
+        # The newest complete round checkpoint, looked up at every (re)start: after Ray Train restarts a failed worker
+        # group, the workers continue from the last round that finished, not from where the campaign began.
+        resume_from = newest_checkpoint(Path(loop_config["checkpoints"]))
+        if resume_from is not None:
+            engine.load_checkpoint(str(resume_from / "deepspeed"), tag="state")
     except Exception as err:  # the driver waits on the mailbox: tell it why, then let Ray Train see the failure
         ray.get(mailbox.post_error.remote(f"rank {rank} could not start: {type(err).__name__}: {err}"))
         raise
 
+    ray.get(mailbox.register.remote(rank, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}))
     keys = algorithm.sequences
     rng = np.random.default_rng(config["seed"] + 1000 * rank)
-    seq = 0
+    seq = ray.get(mailbox.first_open.remote())  # a restarted group picks up the task in flight
     while True:
         task = ray.get(mailbox.next_task.remote(seq))
         if task is None:
@@ -258,10 +291,21 @@ def learner_loop(loop_config: dict) -> None:
         if task["kind"] == STOP:
             return
         try:
-            result = _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
-                                  learner_cfg)
-            state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
-            _save_checkpoint(engine, state, tokenizer, Path(task["checkpoint_dir"]), rank, result)
+            if task["kind"] == WEIGHTS:
+                state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
+                if rank == 0:
+                    ray.get(mailbox.post_result.remote(seq - 1, {
+                        "weights": ObjectStoreTransport().publish(state, task["version"])}))
+                continue
+            done = Path(task["checkpoint_dir"]) / CHECKPOINT_DONE
+            if done.is_file():  # finished before a restart: the engine was just loaded from it; never train twice
+                result = json.loads(done.read_text())["metrics"]
+                state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
+            else:
+                result = _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
+                                      learner_cfg)
+                state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
+                _save_checkpoint(engine, state, tokenizer, Path(task["checkpoint_dir"]), rank, result)
             if rank == 0:
                 t0 = time.perf_counter()
                 push = ObjectStoreTransport().publish(state, task["version"])
@@ -343,7 +387,7 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
 class Learner:
     """The driver's handle on the persistent learner: ``train_round`` posts a round and waits for its result."""
 
-    def __init__(self, config: dict, run_dir: Path, resume_from: str | None = None):
+    def __init__(self, config: dict, run_dir: Path):
         import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -353,6 +397,7 @@ class Learner:
 
         self.config = config
         self.timeout_s = config["learner"]["timeout_s"]
+        self.world_size = config["learner"]["workers"]
         self.namespace = ray.get_runtime_context().namespace
         self.mailbox_name = f"nashray-learner-mailbox-{os.getpid()}-{time.time_ns()}"
         self.mailbox = ray.remote(LearnerMailbox).options(
@@ -361,11 +406,11 @@ class Learner:
         self.trainer = TorchTrainer(
             learner_loop,
             train_loop_config={"config": config, "mailbox": self.mailbox_name, "namespace": self.namespace,
-                               "resume_from": resume_from,
+                               "checkpoints": str(Path(run_dir).resolve() / "checkpoints"),
                                "cpus_per_worker": config["learner"]["resources"]["num_cpus"]},
             scaling_config=ScalingConfig(**scaling),
             run_config=RunConfig(name="learner", storage_path=str(Path(run_dir).resolve() / "ray-train"),
-                                 failure_config=FailureConfig(max_failures=0)),
+                                 failure_config=FailureConfig(max_failures=config["learner"]["max_failures"])),
         )
         self._seq = 0
         self._failure: BaseException | None = None
@@ -385,25 +430,46 @@ class Learner:
         self._seq += 1
         return seq
 
+    def workers(self) -> list[dict]:
+        """Node id and pid of each learner worker (rank order), waiting until every worker has started."""
+        import ray
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            self._raise_if_stopped("starting")
+            nodes = ray.get(self.mailbox.workers.remote(self.world_size, 5.0))
+            if nodes is not None:
+                return [nodes[rank] for rank in range(self.world_size)]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"learner: workers did not start within learner.timeout_s={self.timeout_s:g}s")
+
+    def _raise_if_stopped(self, what: str) -> None:
+        if self._failure is not None:
+            raise RuntimeError(f"learner failed: {self._failure}") from self._failure
+        if not self._thread.is_alive():
+            raise RuntimeError(f"learner stopped before {what}")
+
+    def current_weights(self, version: int):
+        """A push of the learner's current weights (those it resumed from), labelled ``version``."""
+        return self._wait(self._post({"kind": WEIGHTS, "version": version}), "publishing its weights")["weights"]
+
     def train_round(self, round_index: int, shards: list, checkpoint_dir: Path, version: int) -> dict:
         """Train one round on per-worker dataset shards; returns the metrics and ``weights``, the
         :class:`~trainers.weights.WeightPush` of the new policy ``version``."""
         import ray
         seq = self._post({"kind": "train", "round": round_index, "shards": shards, "version": version,
                           "checkpoint_dir": str(checkpoint_dir)})
+        return self._wait(seq, f"finishing round {round_index}")
+
+    def _wait(self, seq: int, what: str) -> dict:
+        import ray
         deadline = time.monotonic() + self.timeout_s
         while True:
-            if self._failure is not None:
-                raise RuntimeError(f"learner failed: {self._failure}") from self._failure
-            if not self._thread.is_alive():
-                raise RuntimeError("learner stopped before finishing round "
-                                   f"{round_index}")
+            self._raise_if_stopped(what)
             result = ray.get(self.mailbox.wait_result.remote(seq, 5.0))
             if result is not None:
                 return result
             if time.monotonic() > deadline:
-                raise TimeoutError(f"learner: round {round_index} did not finish within learner.timeout_s="
-                                   f"{self.timeout_s:g}s")
+                raise TimeoutError(f"learner: no answer {what} within learner.timeout_s={self.timeout_s:g}s")
 
     def shutdown(self, timeout_s: float = 60) -> None:
         import ray

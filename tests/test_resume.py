@@ -1,0 +1,101 @@
+"""Resume after the driver is killed (SIGKILL, with its whole local Ray cluster) during and between rounds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tabular_config(tmp_path: Path, rounds: int) -> Path:
+    cfg = {
+        "seed": 0,
+        "algorithm": {"name": "inpo"},
+        "generators": {"count": 1, "engine": "tabular", "resources": {"num_cpus": 0.5}},
+        "judges": {"count": 1, "oracle": {"kind": "matrix", "sample": True}, "resources": {"num_cpus": 0.5}},
+        # Many epochs make training the longest phase, so a kill "during the round" lands in it.
+        "learner": {"workers": 1, "precision": "fp32", "micro_batch_size": 64, "epochs_per_round": 40,
+                    "threads_per_worker": 1, "optimizer": {"name": "adam", "lr": 0.05}},
+        "data": {"game": "builtin:random10"},
+        "schedule": {"rounds": rounds, "prompts_per_round": 1, "samples_per_prompt": 24},
+        "storage": {"run_dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "run", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300) -> None:
+    """SIGKILL the driver's whole process group (driver and the Ray cluster it started) once ``condition()``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"campaign exited ({proc.returncode}) before the kill point"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def rounds_completed(run: Path) -> int:
+    try:
+        return json.loads((run / "state.json").read_text())["rounds_completed"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_after_kills_during_and_between_rounds(tmp_path):
+    config = tabular_config(tmp_path, rounds=4)
+    run = tmp_path / "run"
+
+    # 1. Killed during round 1, after its samples and judgements were persisted (training in flight).
+    proc = start(str(config))
+    kill_when(proc, lambda: rounds_completed(run) == 1 and (run / "rounds/0001/judgements.parquet").exists())
+    assert rounds_completed(run) == 1
+    persisted = {name: digest(run / "rounds/0001" / name) for name in ("samples.parquet", "judgements.parquet")}
+
+    # 2. Resumed, then killed between rounds: right after round 2 completed.
+    proc = start("--resume", str(run))
+    kill_when(proc, lambda: rounds_completed(run) >= 2)
+    assert rounds_completed(run) in (2, 3)
+
+    # 3. Resumed to the end.
+    proc = start("--resume", str(run))
+    assert proc.wait(timeout=600) == 0
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]  # every round exactly once
+    assert [m["version"] for m in metrics] == [0, 1, 2, 3]
+    # Round 1 was finished from what the killed driver had persisted: the same samples, never judged again.
+    assert {name: digest(run / "rounds/0001" / name) for name in persisted} == persisted
+    assert json.loads((run / "state.json").read_text()) == {
+        "rounds_completed": 4, "version": 4, "checkpoint": str(run / "checkpoints" / "round-0003")}
+    for t in range(4):
+        assert (run / f"rounds/{t:04d}/metrics.json").is_file()
+    # Each round trained once: a round's learner result equals what its checkpoint recorded.
+    last = json.loads((run / "checkpoints/round-0003/COMPLETE").read_text())["metrics"]
+    assert last["loss"] == metrics[3]["loss"]
+    # Training continued from the resumed checkpoints: the policy moved away from π_ref and keeps improving.
+    assert metrics[3]["regularized_exploitability"] < metrics[0]["regularized_exploitability"]
