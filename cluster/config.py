@@ -295,7 +295,7 @@ class ScheduleConfig(Strict):
 
 
 class StorageConfig(Strict):
-    run_dir: str = "runs/default"
+    run_dir: str = Field("runs/{time}", description='the run directory; "{time}" becomes the start time')
     keep_checkpoints: int = Field(2, ge=1)
 
 

@@ -249,7 +249,7 @@ class Campaign:
             (tmp / "_SUCCESS").write_text(str(len(records)))
             shutil.rmtree(train_dir, ignore_errors=True)
             tmp.rename(train_dir)
-        return ray.data.read_parquet(str(train_dir), file_extensions=["parquet"], ray_remote_args={"num_cpus": 0})
+        return ray.data.read_parquet(str(train_dir), file_extensions=["parquet"], num_cpus=0)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, roles: Roles, push) -> dict:
@@ -339,6 +339,8 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
             atomic_write_bytes(run.config_path, dump_config(cfg).encode())
     else:
         cfg = load_config(config_path, overrides)
+        # "{time}" in storage.run_dir gives every new campaign its own folder (the demo's default).
+        cfg.storage.run_dir = cfg.storage.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
         run = RunDir(cfg.storage.run_dir)
         run.create(dump_config(cfg))
         state = run.read_state()

@@ -107,7 +107,8 @@ def test_tiny_llm_online_dpo_two_workers_zero2(ray_cluster, tmp_path, tiny_model
     ({"name": "inpo"}, "vllm", 2),
     ({"name": "xpo", "alpha": 1e-3}, "vllm", 0),
     ({"name": "nash_md"}, "hf", 0),
-])
+], ids=["online_ipo", "iterative_dpo", "sppo-zero3", "dno_practical", "dno_regression", "inpo-zero2", "xpo",
+        "nash_md-hf"])
 def test_tiny_llm_each_algorithm(ray_cluster, tmp_path, tiny_model_dir, algorithm, engine, zero_stage):
     from cluster.driver import run_campaign
     from cluster.run_dir import read_table
