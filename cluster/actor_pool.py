@@ -67,11 +67,13 @@ class ActorPool:
             todo = [index for index in todo if index not in results]
         return [results[i] for i in range(len(chunks))]
 
-    def broadcast(self, method: str, *args, what: str | None = None) -> list:
-        """``method(*args)`` on every member (replacements included), e.g. a weight push."""
+    def broadcast(self, method: str, *args, what: str | None = None,
+                  per_rank: Callable[[int], tuple] | None = None) -> list:
+        """``method(*args, *per_rank(rank))`` on every member (replacements included), e.g. a weight push."""
         import ray
         while True:
-            calls = {getattr(actor, method).remote(*args): rank for rank, actor in self.members.items()}
+            calls = {getattr(actor, method).remote(*args, *(per_rank(rank) if per_rank else ())): rank
+                     for rank, actor in self.members.items()}
             done, hung = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
             failed, results = {}, {}
             for ref in done:

@@ -146,6 +146,10 @@ class GeneratorConfig(Strict):
     timeout_s: float = Field(600, gt=0, description="a call (generate, push) not answered by then is a failure")
     on_failure: FailurePolicy = "retry"
     max_restarts: int = Field(3, ge=0, description="replacements of dead or hung generators per campaign")
+    weight_transport: Literal["object_store", "broadcast"] = Field(
+        "object_store", description="object_store: safetensors bytes put once, fetched by every generator (CPU, "
+                                    "one node); broadcast: bucketed collective from learner rank 0 (GPU nodes)")
+    broadcast_backend: Literal["nccl", "gloo"] = "nccl"
 
 
 # ------------------------------------------------------------------------------------------------- judges
@@ -243,6 +247,8 @@ class JudgeConfig(Strict):
     oracle: OracleConfig = Field(default_factory=lambda: RuleOracleConfig(kind="rule", rule="concise_answer"))
     strategy: Literal["all_pairs", "round_robin", "score"] = "all_pairs"
     budget_per_round: int | None = Field(None, ge=1, description="cap on judge calls per round")
+    batch_size: int = Field(64, ge=1, description="comparisons per judge call: the unit re-sent after a failure "
+                                                  "and written to the judge cache")
     retries: int = Field(2, ge=0)
     resources: Resources = Resources()
     timeout_s: float = Field(600, gt=0, description="a judge call not answered by then is a failure")
@@ -335,6 +341,9 @@ class CampaignConfig(Strict):
             raise ValueError("generators.engine 'tabular' needs judges.oracle.kind 'matrix'")
         if self.judges.oracle.kind == "matrix" and not tabular:
             raise ValueError("judges.oracle.kind 'matrix' judges tabular responses only: set generators.engine")
+        if self.generators.weight_transport == "broadcast" and self.generators.on_failure != "abort":
+            raise ValueError("generators.weight_transport 'broadcast' forms a fixed collective group that a replaced "
+                             "or dropped generator would leave waiting: it needs generators.on_failure 'abort'")
         if self.algorithm.name == "nash_md" and self.generators.engine == "vllm":
             raise ValueError("algorithm 'nash_md' samples from the token-level mixture of π_θ and π_ref, which "
                              "generators.engine 'vllm' cannot: use 'hf' or 'tabular'")

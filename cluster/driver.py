@@ -37,6 +37,7 @@ class Roles:
     generators: ActorPool
     judges: ActorPool
     learner: object
+    judge_batch: int
     current_push: object = None
 
     def shutdown(self) -> None:
@@ -59,7 +60,7 @@ def judge(roles: Roles, comparisons: list[dict], timeout_s: float | None = None)
     """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over the judges in contiguous chunks."""
     if not comparisons:
         return []
-    size = math.ceil(len(comparisons) / len(roles.judges))
+    size = min(math.ceil(len(comparisons) / len(roles.judges)), roles.judge_batch)
     chunks = [(comparisons[i:i + size],) for i in range(0, len(comparisons), size)]
     return [v for part in roles.judges.map("judge", chunks, "judgements") for v in part]
 
@@ -67,7 +68,7 @@ def judge(roles: Roles, comparisons: list[dict], timeout_s: float | None = None)
 def score_comparisons(roles: Roles, by_prompt: dict[str, list[dict]], planned: list[tuple]) -> list[dict]:
     """The ``score`` strategy: one oracle score per response, each planned pair's verdict σ(s_a − s_b)."""
     items = [(p, i) for p, samples in by_prompt.items() for i in range(len(samples))]
-    size = math.ceil(len(items) / len(roles.judges))
+    size = min(math.ceil(len(items) / len(roles.judges)), roles.judge_batch)
     chunks = [([{"prompt": by_prompt[p][i]["prompt"], "response": by_prompt[p][i]["response"]}
                 for p, i in items[n:n + size]],) for n in range(0, len(items), size)]
     scored = dict(zip(items, (s for part in roles.judges.map("score", chunks, "scores") for s in part)))
@@ -196,9 +197,11 @@ class Campaign:
                 rows = read_table(judgements_path)
                 judged = judged_from_rows(rows, by_prompt)
             else:
-                t0 = timer()
+                t0, calls = timer(), sum(roles.judges.broadcast("calls"))
                 rows, judged = judge_round(roles, cfg, algo, by_prompt, rng)
                 metrics["judge_s"] = timer() - t0
+                # Oracle calls this round (retries included, cache hits not); a replaced judge starts at 0.
+                metrics["judge_calls"] = max(0, sum(roles.judges.broadcast("calls")) - calls)
                 write_table(judgements_path, rows)
             metrics["judge_comparisons"] = len(rows)
             metrics["judge_cached"] = sum(bool(r["cached"]) for r in rows)
@@ -284,7 +287,7 @@ class Campaign:
         # The learner starts from the newest complete checkpoint, which can be one round ahead of state.json (a crash
         # between the two): that round is then finished from its files, not trained again.
         learner = Learner(config, run.root)
-        roles = Roles(config, generators, judges, learner)
+        roles = Roles(config, generators, judges, learner, cfg.judges.batch_size)
         try:
             placed = {"generators": generators.broadcast("ready", what="start"),
                       "judges": judges.broadcast("ready", what="start"),
@@ -293,6 +296,12 @@ class Campaign:
             roles.shutdown()
             raise
         atomic_write_json(run.root / "roles.json", placed)  # where each role runs, for `nashray status`
+        if cfg.generators.weight_transport == "broadcast":
+            host, port = learner.open_broadcast(len(generators), cfg.generators.broadcast_backend,
+                                                cfg.generators.timeout_s)
+            generators.broadcast("join_weight_broadcast", host, port, what="joining the weight broadcast",
+                                 per_rank=lambda rank: (rank + 1, len(generators) + 1,
+                                                        cfg.generators.broadcast_backend, cfg.generators.timeout_s))
         return roles
 
     def run_rounds(self, roles: Roles, state: CampaignState) -> CampaignState:

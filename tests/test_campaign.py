@@ -125,3 +125,17 @@ def test_tiny_llm_each_algorithm(ray_cluster, tmp_path, tiny_model_dir, algorith
     sources = {s["source"] for s in samples}
     assert ("ref" in sources) == (algorithm["name"] == "xpo")
     assert ("mixture" in sources) == (algorithm["name"] == "nash_md")
+
+
+def test_weight_broadcast_transport_pushes_to_every_generator(ray_cluster, tmp_path, tiny_model_dir):
+    """The bucketed collective push (NCCL on GPU nodes) run with the gloo backend: learner rank 0 → 2 generators."""
+    from cluster.driver import run_campaign
+
+    run = run_campaign(llm_config(
+        tmp_path, tiny_model_dir, {"name": "online_dpo"}, engine="hf",
+        generators={"count": 2, "engine": "hf", "sampling": {"max_new_tokens": 12}, "weight_transport": "broadcast",
+                    "broadcast_backend": "gloo", "on_failure": "abort", "timeout_s": 120,
+                    "resources": {"num_cpus": 0.5}}))
+    metrics = run.metrics()
+    assert [m["round"] for m in metrics] == [0, 1]
+    assert all(m["generators"] == 2 and m["push_logprob_max_abs_diff"] < 1e-4 for m in metrics)

@@ -99,3 +99,41 @@ def test_resume_after_kills_during_and_between_rounds(tmp_path):
     assert last["loss"] == metrics[3]["loss"]
     # Training continued from the resumed checkpoints: the policy moved away from π_ref and keeps improving.
     assert metrics[3]["regularized_exploitability"] < metrics[0]["regularized_exploitability"]
+
+
+def test_resumed_campaign_reuses_cached_judgements_within_budget(tmp_path, tiny_model_dir):
+    """An LLM judge (deterministic, so cached) killed mid-judging: the resumed round pays only for what was not yet
+    judged, and no round judges more comparisons than its budget."""
+    cfg = {
+        "seed": 0,
+        "model": {"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 64},
+        "algorithm": {"name": "online_dpo"},
+        "generators": {"count": 1, "engine": "hf", "sampling": {"max_new_tokens": 16}},
+        # One comparison per call: every verdict reaches the cache as soon as it is made.
+        "judges": {"count": 1, "batch_size": 1, "budget_per_round": 40,
+                   "oracle": {"kind": "llm_judge", "model": tiny_model_dir, "engine": "hf", "batch_size": 1}},
+        "learner": {"workers": 1, "precision": "fp32", "micro_batch_size": 8, "threads_per_worker": 1},
+        "schedule": {"rounds": 2, "prompts_per_round": 8, "samples_per_prompt": 4},
+        "storage": {"run_dir": str(tmp_path / "run")},
+        "evaluation": {"every_rounds": 0},
+    }
+    config = tmp_path / "campaign.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+
+    def cached_verdicts() -> int:
+        return sum(len(p.read_text().splitlines()) for p in (run / "judge-cache").glob("*") if p.is_file())
+
+    proc = start(str(config))
+    kill_when(proc, lambda: (run / "rounds/0000/samples.parquet").exists() and cached_verdicts() >= 5)
+    assert not (run / "rounds/0000/judgements.parquet").exists()  # killed mid-judging
+    paid_before = cached_verdicts()
+
+    proc = start("--resume", str(run))
+    assert proc.wait(timeout=600) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1]
+    first = metrics[0]
+    assert first["judge_comparisons"] <= 40 and metrics[1]["judge_comparisons"] <= 40  # the budget holds
+    assert first["judge_cached"] >= paid_before  # what the killed run paid for was not paid again
+    assert first["judge_calls"] == first["judge_comparisons"] - first["judge_cached"]

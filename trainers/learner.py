@@ -23,6 +23,7 @@ from typing import Any
 
 STOP = "stop"
 WEIGHTS = "weights"
+BROADCAST = "broadcast"
 CHECKPOINT_DONE = "COMPLETE"
 
 
@@ -282,6 +283,7 @@ def learner_loop(loop_config: dict) -> None:
     ray.get(mailbox.register.remote(rank, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}))
     keys = algorithm.sequences
     rng = np.random.default_rng(config["seed"] + 1000 * rank)
+    transport = ObjectStoreTransport()
     seq = ray.get(mailbox.first_open.remote())  # a restarted group picks up the task in flight
     while True:
         task = ray.get(mailbox.next_task.remote(seq))
@@ -291,11 +293,16 @@ def learner_loop(loop_config: dict) -> None:
         if task["kind"] == STOP:
             return
         try:
+            if task["kind"] == BROADCAST:  # rank 0 serves the group's rendezvous; the generators join it
+                if rank == 0:
+                    transport = _open_broadcast(task, mailbox, seq - 1)
+                continue
             if task["kind"] == WEIGHTS:
                 state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
                 if rank == 0:
-                    ray.get(mailbox.post_result.remote(seq - 1, {
-                        "weights": ObjectStoreTransport().publish(state, task["version"])}))
+                    ray.get(mailbox.post_result.remote(seq - 1, {"weights": transport.publish(state,
+                                                                                              task["version"])}))
+                    transport.deliver()
                 continue
             done = Path(task["checkpoint_dir"]) / CHECKPOINT_DONE
             if done.is_file():  # finished before a restart: the engine was just loaded from it; never train twice
@@ -308,13 +315,30 @@ def learner_loop(loop_config: dict) -> None:
                 _save_checkpoint(engine, state, tokenizer, Path(task["checkpoint_dir"]), rank, result)
             if rank == 0:
                 t0 = time.perf_counter()
-                push = ObjectStoreTransport().publish(state, task["version"])
+                push = transport.publish(state, task["version"])
                 result.update(weights=push, encode_s=time.perf_counter() - t0, weights_nbytes=push.nbytes)
                 ray.get(mailbox.post_result.remote(seq - 1, result))
+                transport.deliver()  # a broadcast completes once the driver hands the push to the generators
         except Exception as err:
             ray.get(mailbox.post_error.remote(f"rank {rank}, round {task.get('round')}: "
                                               f"{type(err).__name__}: {err}"))
             raise
+
+
+def _open_broadcast(task: dict, mailbox, seq: int):
+    """Learner rank 0's end of the weight broadcast: post host and port, then wait for the generators to join."""
+    import socket
+
+    import ray
+
+    from trainers.weights import NcclBroadcastTransport
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    ray.get(mailbox.post_result.remote(seq, {"host": host, "port": port}))
+    return NcclBroadcastTransport(host, port, 0, task["world_size"], backend=task["backend"],
+                                  timeout_s=task["timeout_s"])
 
 
 def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg) -> dict:
@@ -447,6 +471,13 @@ class Learner:
             raise RuntimeError(f"learner failed: {self._failure}") from self._failure
         if not self._thread.is_alive():
             raise RuntimeError(f"learner stopped before {what}")
+
+    def open_broadcast(self, generators: int, backend: str, timeout_s: float) -> tuple[str, int]:
+        """Start the weight broadcast group (learner rank 0 + ``generators``); returns the rendezvous host and port,
+        which every generator must join (``GeneratorActor.join_weight_broadcast``) before the first push."""
+        answer = self._wait(self._post({"kind": BROADCAST, "world_size": generators + 1, "backend": backend,
+                                        "timeout_s": timeout_s}), "opening the weight broadcast")
+        return answer["host"], answer["port"]
 
     def current_weights(self, version: int):
         """A push of the learner's current weights (those it resumed from), labelled ``version``."""
