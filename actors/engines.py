@@ -92,6 +92,13 @@ class PromptTooLong(ValueError):
         self.prompt_id, self.n_tokens, self.limit = prompt_id, n_tokens, limit
 
 
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids a generator samples after: ``prompt`` as the user turn of the model's chat template."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class _ChatEngine(Engine):
     """Chat-template prompt encoding shared by the LLM engines."""
 
@@ -110,9 +117,7 @@ class _ChatEngine(Engine):
             raise ValueError(f"model {self.model_path!r} has no EOS token: generation could not stop")
 
     def encode_prompt(self, prompt_id: str, prompt: str) -> list[int]:
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = chat_prompt_ids(self.tokenizer, prompt)
         if len(ids) > self.max_prompt_tokens:
             raise PromptTooLong(prompt_id, len(ids), self.max_prompt_tokens)
         return ids

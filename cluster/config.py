@@ -7,11 +7,14 @@ a discriminated union on ``algorithm.name``; each default cites the paper it com
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -166,6 +169,19 @@ class RuleOracleConfig(Strict):
     rule: str = Field(..., description="a rule oracle's name, see oracles.rules.RULES")
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _buildable(self) -> "RuleOracleConfig":
+        from oracles.rules import build_rule
+        build_rule(self.rule, self.options)  # an unknown rule or option fails at load, naming what exists
+        return self
+
+
+def _judging_template(template: str | None) -> str | None:
+    if template is not None:
+        from oracles.judging import check_template
+        check_template(template)
+    return template
+
 
 class ModelOracleConfig(Strict):
     """A judge backed by a model: an LLM judge, a reward model or a pairwise preference model (oracles/)."""
@@ -181,6 +197,8 @@ class ModelOracleConfig(Strict):
     kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE), vllm engine")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm engine on a GPU")
     trust_remote_code: bool = False
+
+    _template = field_validator("template")(_judging_template)
 
     @model_validator(mode="after")
     def _engine_fits_kind(self) -> "ModelOracleConfig":
@@ -201,6 +219,28 @@ class HTTPOracleConfig(Strict):
     both_orders: bool = Field(True, description="ask in both orders and average (removes position bias)")
     backoff_s: float = Field(0.5, ge=0, description="retry k waits backoff_s * 2**(k-1)")
     top_logprobs: int = Field(20, ge=0, le=20, description="0: do not ask for log-probabilities, parse the text")
+
+    _template = field_validator("template")(_judging_template)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url_without_credentials(cls, url: str) -> str:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parsed.username is not None or parsed.password is not None:
+            # the URL is written to config.yaml, cache keys and logs: a password in it would be too
+            raise ValueError("must not carry credentials (user:password@); name the environment variable holding "
+                             "the key in api_key_env")
+        return url
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError("must be the NAME of an environment variable holding the key (letters, digits, _), "
+                             "never the key itself")
+        return name
 
 
 class EnsembleOracleConfig(Strict):
@@ -315,6 +355,16 @@ class ClusterConfig(Strict):
     object_store_gib: float = Field(1.0, gt=0)
     bind_host: str = "127.0.0.1"
 
+    @field_validator("bind_host")
+    @classmethod
+    def _ip_address(cls, host: str) -> str:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("must be an IP address of this machine (127.0.0.1 keeps the local cluster private)"
+                             ) from None
+        return host
+
 
 class CampaignConfig(Strict):
     seed: int = 0
@@ -350,13 +400,32 @@ class CampaignConfig(Strict):
         return self
 
 
+# Fields whose rejected value may be a secret a user put in the wrong place: never repeated in an error.
+_UNECHOED = ("api_key_env", "url")
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid campaign config {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {path}: {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "missing" and
-                                                  not isinstance(e.get("input"), dict) else ""))
+        echo = (e["type"] != "missing" and not isinstance(e.get("input"), dict)
+                and not (e["loc"] and e["loc"][-1] in _UNECHOED))
+        lines.append(f"  {path}: {e['msg']}" + (f" (got {e['input']!r})" if echo else ""))
     return "\n".join(lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> CampaignConfig:
@@ -373,16 +442,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Load a campaign from YAML (None: the embedded default demo), with dotted-key ``overrides`` applied."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"campaign config {path} does not exist") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"campaign config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        return parse_config(data, str(path))
     for dotted, value in (overrides or {}).items():
-        node = data
+        node, where = data, []
         *parents, leaf = dotted.split(".")
         for key in parents:
+            where.append(key)
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {'.'.join(where)} is a {type(node).__name__}, not a section "
+                                  f"of the config")
         node[leaf] = value
     return parse_config(data, str(path))
 

@@ -51,8 +51,12 @@ def _rows_from_file(path: Path) -> list[dict]:
         raise PromptDataError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise PromptDataError(f"prompt file {path} is not a readable parquet file: {err}") from None
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -109,6 +113,29 @@ def load_prompts(source: str, field: str = "prompt") -> list[Prompt]:
         seen.add(prompt_id)
         prompts.append(Prompt(prompt_id, text))
     return prompts
+
+
+def check_prompts_fit_model(prompts: list[Prompt], cfg, source: str) -> None:
+    """Fail before any generation is paid for when the context of the campaign's model (``cfg``, a
+    ``CampaignConfig``) cannot hold model.max_prompt_tokens plus generators.sampling.max_new_tokens, or when a prompt
+    of ``source``, wrapped in the model's chat template as the generators wrap it, is longer than
+    model.max_prompt_tokens (the error names the prompt)."""
+    from transformers import AutoConfig
+
+    from actors.engines import chat_prompt_ids
+    from trainers.models import load_tokenizer, resolve_model_path
+    model, limit, new_tokens = cfg.model.path, cfg.model.max_prompt_tokens, cfg.generators.sampling.max_new_tokens
+    base = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=cfg.model.trust_remote_code)
+    context = getattr(base, "max_position_embeddings", None)
+    if context is not None and limit + new_tokens + 1 > context:
+        raise PromptDataError(f"model.max_prompt_tokens ({limit}) + generators.sampling.max_new_tokens ({new_tokens}) "
+                              f"+ 1 exceeds the context of model {model!r} ({context} tokens)")
+    tokenizer = load_tokenizer(model)
+    for prompt in prompts:
+        n_tokens = len(chat_prompt_ids(tokenizer, prompt.prompt))
+        if n_tokens > limit:
+            raise PromptDataError(f"{source}: prompt {prompt.prompt_id!r} is {n_tokens} tokens with the chat "
+                                  f"template of {model!r}, over model.max_prompt_tokens = {limit}")
 
 
 @dataclass(frozen=True)

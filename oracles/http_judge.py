@@ -6,11 +6,11 @@ Each comparison is asked in both orders with the judging template (:mod:`oracles
 token's ``top_logprobs`` list both (variants such as ``" A"`` pooled); otherwise the reply's text must say ``A`` or
 ``B`` and counts as P(A) = 1 or 0.
 
-Bad replies — HTTP errors, timeouts, connection failures, non-JSON, no verdict, positive log-probabilities (a
-probability above 1) — are retried ``retries`` times with exponential backoff (``backoff_s``·2^attempt), except
-client errors that cannot improve (400, 401, 403, 404, 422), then dropped with the last reason. The API key is read
-from the environment variable named by ``api_key_env`` at each request: it is not stored on the object, and is
-redacted from every reason and log line.
+Bad replies — HTTP errors, timeouts, connection failures, non-JSON, malformed fields, no verdict, positive
+log-probabilities (a probability above 1), more than a MiB — are retried ``retries`` times with exponential backoff
+(``backoff_s``·2^attempt), except client errors that cannot improve (400, 401, 403, 404, 422), then dropped with the
+last reason. The API key is read from the environment variable named by ``api_key_env`` at each request: it is not
+stored on the object, and is redacted from every reason and log line.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _RETRYABLE_STATUS = {408, 409, 425, 429}
 _LOGPROB_TOLERANCE = 1e-6
+MAX_REPLY_BYTES = 1 << 20  # a one-token verdict is a few hundred bytes; more is a wrong endpoint, not a verdict
 
 
 class BadReply(ValueError):
@@ -68,10 +69,16 @@ def verdict_probability(reply: dict) -> float:
         raise BadReply("reply has no choices") from None
     if not isinstance(choice, dict):
         raise BadReply("reply's first choice is not an object")
-    first_token = ((choice.get("logprobs") or {}).get("content") or [None])[0]
+    logprobs = choice.get("logprobs") or {}
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content") or [], list):
+        raise BadReply("reply's choices[0].logprobs is not an object with a content list")
+    first_token = (logprobs.get("content") or [None])[0]
     if isinstance(first_token, dict):
+        top = first_token.get("top_logprobs") or []
+        if not isinstance(top, list) or not all(isinstance(entry, dict) for entry in top):
+            raise BadReply("reply's choices[0].logprobs.content[0].top_logprobs is not a list of objects")
         listed: dict[str, float] = {}  # the chosen token is usually listed again among the top ones: count it once
-        for entry in [first_token] + list(first_token.get("top_logprobs") or []):
+        for entry in [first_token] + top:
             token = str(entry.get("token", ""))
             if token.strip() not in VERDICTS or token in listed:
                 continue
@@ -88,7 +95,10 @@ def verdict_probability(reply: dict) -> float:
                 return two_token_probability(_logsumexp(pooled["A"]), _logsumexp(pooled["B"]))
             except ValueError as err:
                 raise BadReply(str(err)) from None
-    content = (choice.get("message") or {}).get("content")
+    message = choice.get("message") or {}
+    if not isinstance(message, dict):
+        raise BadReply("reply's choices[0].message is not an object")
+    content = message.get("content")
     verdict = parse_verdict_text(content if isinstance(content, str) else "")
     if verdict is None:
         raise BadReply(f"reply {str(content)[:60]!r} names neither A nor B and its log-probabilities list "
@@ -130,7 +140,9 @@ class HTTPJudge(PreferenceOracle):
             headers["Authorization"] = f"Bearer {os.environ.get(self.api_key_env, '')}"
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            raw = response.read()
+            raw = response.read(MAX_REPLY_BYTES + 1)
+        if len(raw) > MAX_REPLY_BYTES:
+            raise BadReply(f"reply is larger than {MAX_REPLY_BYTES} bytes: not a verdict")
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
