@@ -12,7 +12,8 @@ verdict, and ``logprobs.content[0].top_logprobs`` lists both verdict tokens with
   log P(b ≻ a), floored at -9999 as OpenAI does for impossible tokens. A comparison the oracle drops is a 422.
 
 Concurrent requests are batched into one forward pass (``max_batch_size``, ``batch_wait_timeout_s``); replicas are
-fixed or autoscaled from ``judges.serve``. The proxy binds ``judges.serve.host`` (loopback by default).
+fixed or autoscaled from ``judges.serve``. The proxy binds ``judges.serve.host`` (loopback by default), each replica's
+inter-deployment gRPC server the node's Ray address (loopback on a local cluster).
 """
 
 from __future__ import annotations
@@ -99,12 +100,33 @@ def completion(model: str, logprob_a: float, logprob_b: float, with_logprobs: bo
             "model": model, "choices": [choice]}
 
 
+def _replica_grpc_on_node_address() -> None:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on every interface (``[::]:0``, with no
+    option to change it); rebind it to this node's Ray address, which is where other replicas and proxies connect to
+    it and what Ray's own services listen on: 127.0.0.1 on a local cluster. Called in the replica's process before
+    Serve starts that server (it does so after the deployment's constructor)."""
+    import ray
+    from ray.serve._private import replica
+
+    host = ray.util.get_node_ip_address()
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "nashray_host", None) == host:
+        return
+
+    def bind_on_node_address(server, address: str):
+        return bind(server, address.replace("[::]", f"[{host}]" if ":" in host else host, 1))
+
+    bind_on_node_address.nashray_host = host
+    replica.add_port_to_grpc_server = bind_on_node_address
+
+
 @serve.deployment
 @serve.ingress(api)
 class JudgeServer:
     def __init__(self, oracle_cfg: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
                  seed: int = 0):
         from oracles.llm_judge import LLMJudge
+        _replica_grpc_on_node_address()
         cfg = oracle_config(oracle_cfg)
         if cfg.kind in _UNSERVABLE:
             raise ValueError(f"oracle kind {cfg.kind!r} cannot be served: {_UNSERVABLE[cfg.kind]}")
