@@ -331,6 +331,28 @@ def test_deepspeed_resume_refuses_a_planted_pickle_without_running_it(tmp_path, 
     assert not marker.exists()
 
 
+def test_deepspeed_state_types_round_trip_through_the_weights_only_reader(tmp_path):
+    """What DeepSpeed pickles for fp16 and ZeRO (loss scalers, the stage enum, fragment addresses) comes back equal;
+    a real learner's fp32 ZeRO-2 files are read in the campaign test above."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from cluster.checkpoints import load_deepspeed_file
+
+    scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False, raise_error_at_min_scale=True, dtype=torch.float16)
+    state = {"loss_scaler": scaler, "static": LossScaler(4.0), "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [{"w": fragment_address(numel=6, start=2)}], "exp_avg": torch.arange(4.0)}
+    torch.save(state, tmp_path / "optim_states.pt")
+    loaded = load_deepspeed_file(tmp_path / "optim_states.pt")
+    assert vars(loaded["loss_scaler"]) == vars(scaler) and vars(loaded["static"]) == vars(state["static"])
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients
+    assert loaded["param_slice_mappings"] == state["param_slice_mappings"]
+    assert torch.equal(loaded["exp_avg"], state["exp_avg"])
+
+
 def test_a_pickle_named_safetensors_is_refused_without_running_it(tmp_path, tiny_model_dir):
     import pickle
 
