@@ -68,13 +68,15 @@ class ActorPool:
         return [results[i] for i in range(len(chunks))]
 
     def broadcast(self, method: str, *args, what: str | None = None,
-                  per_rank: Callable[[int], tuple] | None = None) -> list:
-        """``method(*args, *per_rank(rank))`` on every member (replacements included), e.g. a weight push."""
+                  per_rank: Callable[[int], tuple] | None = None, timeout_s: float | None = None) -> list:
+        """``method(*args, *per_rank(rank))`` on every member (replacements included), e.g. a weight push;
+        ``timeout_s`` overrides the role's call timeout (an engine's start takes longer than a call)."""
         import ray
+        timeout_s = timeout_s or self.timeout_s
         while True:
             calls = {getattr(actor, method).remote(*args, *(per_rank(rank) if per_rank else ())): rank
                      for rank, actor in self.members.items()}
-            done, hung = ray.wait(list(calls), num_returns=len(calls), timeout=self.timeout_s)
+            done, hung = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
             failed, results = {}, {}
             for ref in done:
                 try:
@@ -82,7 +84,7 @@ class ActorPool:
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                     failed[calls[ref]] = f"died: {_brief(err)}"
             for ref in hung:
-                failed[calls[ref]] = f"did not answer {what or method} within {self.timeout_s:g}s"
+                failed[calls[ref]] = f"did not answer {what or method} within {timeout_s:g}s"
             if not failed:
                 return [results[rank] for rank in sorted(results)]
             for rank, why in failed.items():

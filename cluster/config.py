@@ -147,6 +147,7 @@ class GeneratorConfig(Strict):
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     timeout_s: float = Field(600, gt=0, description="a call (generate, push) not answered by then is a failure")
+    start_timeout_s: float = Field(900, gt=0, description="an engine not loaded by then is a failure")
     on_failure: FailurePolicy = "retry"
     max_restarts: int = Field(3, ge=0, description="replacements of dead or hung generators per campaign")
     weight_transport: Literal["object_store", "broadcast"] = Field(
@@ -292,6 +293,7 @@ class JudgeConfig(Strict):
     retries: int = Field(2, ge=0)
     resources: Resources = Resources()
     timeout_s: float = Field(600, gt=0, description="a judge call not answered by then is a failure")
+    start_timeout_s: float = Field(900, gt=0, description="an oracle not loaded by then is a failure")
     on_failure: FailurePolicy = "retry"
     max_restarts: int = Field(3, ge=0, description="replacements of dead or hung judges per campaign")
     serve: JudgeServeConfig = JudgeServeConfig()
@@ -348,6 +350,8 @@ class StorageConfig(Strict):
 class EvaluationConfig(Strict):
     every_rounds: int = Field(1, ge=0, description="0 turns evaluation off")
     prompts: int = Field(8, ge=0)
+    oracle: OracleConfig | None = Field(None, description="the judge of the held-out win rates (one extra judge "
+                                                          "actor); omitted: the judges' oracle")
 
 
 class ClusterConfig(Strict):
@@ -391,6 +395,8 @@ class CampaignConfig(Strict):
             raise ValueError("generators.engine 'tabular' needs judges.oracle.kind 'matrix'")
         if self.judges.oracle.kind == "matrix" and not tabular:
             raise ValueError("judges.oracle.kind 'matrix' judges tabular responses only: set generators.engine")
+        if self.evaluation.oracle is not None and (tabular or self.evaluation.oracle.kind == "matrix"):
+            raise ValueError("evaluation.oracle judges LLM answers; tabular games are evaluated exactly (leave it out)")
         if self.generators.weight_transport == "broadcast" and self.generators.on_failure != "abort":
             raise ValueError("generators.weight_transport 'broadcast' forms a fixed collective group that a replaced "
                              "or dropped generator would leave waiting: it needs generators.on_failure 'abort'")

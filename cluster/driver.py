@@ -24,8 +24,9 @@ import numpy as np
 
 from cluster.actor_pool import ActorPool
 from cluster.config import CampaignConfig, dump_config, load_config
+from cluster.metrics import write_tensorboard
 from cluster.progress import Progress
-from cluster.prompts import PromptSplit, load_prompts, split_prompts
+from cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_prompts
 from cluster.run_dir import CampaignState, RunDir, atomic_write_json, read_table, write_table
 
 
@@ -156,6 +157,8 @@ class Campaign:
         self.tabular = cfg.generators.engine == "tabular"
         source = f"game:{cfg.data.game}" if self.tabular else cfg.data.prompts
         prompts = load_prompts(source, cfg.data.prompt_field)
+        if not self.tabular:
+            check_prompts_fit_model(prompts, cfg, source)  # before any generation is paid for
         self.split: PromptSplit = split_prompts(prompts, 0.0 if self.tabular else cfg.data.eval_fraction,
                                                 cfg.data.shuffle_seed)
 
@@ -289,8 +292,9 @@ class Campaign:
         learner = Learner(config, run.root)
         roles = Roles(config, generators, judges, learner, cfg.judges.batch_size)
         try:
-            placed = {"generators": generators.broadcast("ready", what="start"),
-                      "judges": judges.broadcast("ready", what="start"),
+            placed = {"generators": generators.broadcast("ready", what="start",
+                                                         timeout_s=cfg.generators.start_timeout_s),
+                      "judges": judges.broadcast("ready", what="start", timeout_s=cfg.judges.start_timeout_s),
                       "learner": [{"rank": r, **w} for r, w in enumerate(learner.workers())]}
         except BaseException:
             roles.shutdown()
@@ -316,6 +320,7 @@ class Campaign:
             state = CampaignState(rounds_completed=t + 1, version=state.version + 1,
                                   checkpoint=str(run.checkpoint_dir(t)))
             run.record_metrics(metrics)
+            write_tensorboard(run.root, metrics)  # RUN_DIR/tb/, a view of metrics.jsonl
             run.write_state(state)  # last: a crash before this line replays (from its files) only this round
             run.prune_checkpoints(cfg.storage.keep_checkpoints, protect=t)
             self.progress.round_summary(metrics)
@@ -343,6 +348,10 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         state = run.read_state()
         if state.checkpoint and not run.complete_checkpoint(state.rounds_completed - 1):
             raise RuntimeError(f"{run.root}: state.json names checkpoint {state.checkpoint}, which is incomplete")
+        from cluster.checkpoints import validate_checkpoint
+        from trainers.learner import newest_checkpoint
+        for checkpoint in {newest_checkpoint(run.root / "checkpoints"), state.checkpoint} - {None}:
+            validate_checkpoint(checkpoint, cfg)  # names the bad file before any actor starts
         if overrides:  # the resumed config, e.g. with more generators, is the one in force from now on
             from cluster.run_dir import atomic_write_bytes
             atomic_write_bytes(run.config_path, dump_config(cfg).encode())

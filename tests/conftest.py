@@ -32,10 +32,10 @@ def smollm2_dir() -> str:
 _RAY_TEMP = tempfile.mkdtemp(prefix="nashray-ray-", dir="/tmp")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A real local Ray cluster, loopback only, bounded object store, private temp dir; started on first use and
-    kept for the session (started again if a test, such as the multi-node one, shut it down)."""
+    kept for the session (started again by a later module if one, such as the multi-node one, shut it down)."""
     import ray
     from cluster.ray_util import init_local_ray
     init_local_ray(num_cpus=6, object_store_gib=0.75, temp_dir=_RAY_TEMP)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.run_watch import rounds_completed
+
 pytestmark = pytest.mark.ray
 
 
@@ -65,13 +67,6 @@ def wait_for(condition, timeout_s: float = 600, campaign: Background | None = No
             raise AssertionError(f"campaign ended before the fault point: {campaign.error!r}")
         assert time.monotonic() < deadline, "fault point not reached"
         time.sleep(0.05)
-
-
-def rounds_completed(run: Path) -> int:
-    try:
-        return json.loads((run / "state.json").read_text())["rounds_completed"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 def roles(run: Path) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.run_watch import rounds_completed
+
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +55,6 @@ def kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300) -> None
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-
-
-def rounds_completed(run: Path) -> int:
-    try:
-        return json.loads((run / "state.json").read_text())["rounds_completed"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 def digest(path: Path) -> str:

@@ -275,7 +275,8 @@ def learner_loop(loop_config: dict) -> None:
         # group, the workers continue from the last round that finished, not from where the campaign began.
         resume_from = newest_checkpoint(Path(loop_config["checkpoints"]))
         if resume_from is not None:
-            engine.load_checkpoint(str(resume_from / "deepspeed"), tag="state")
+            from cluster.checkpoints import load_deepspeed_state
+            load_deepspeed_state(engine, resume_from)  # weights-only unpickling: a planted file runs nothing
     except Exception as err:  # the driver waits on the mailbox: tell it why, then let Ray Train see the failure
         ray.get(mailbox.post_error.remote(f"rank {rank} could not start: {type(err).__name__}: {err}"))
         raise
@@ -418,6 +419,7 @@ class Learner:
 
         from cluster.config import LearnerConfig
         from cluster.placement import learner_scaling
+        from trainers.process_group import NodeAddressTorchConfig
 
         self.config = config
         self.timeout_s = config["learner"]["timeout_s"]
@@ -429,6 +431,7 @@ class Learner:
         scaling = learner_scaling(LearnerConfig.model_validate(config["learner"]))
         self.trainer = TorchTrainer(
             learner_loop,
+            torch_config=NodeAddressTorchConfig(),  # the rendezvous server listens on the node's address only
             train_loop_config={"config": config, "mailbox": self.mailbox_name, "namespace": self.namespace,
                                "checkpoints": str(Path(run_dir).resolve() / "checkpoints"),
                                "cpus_per_worker": config["learner"]["resources"]["num_cpus"]},
