@@ -49,15 +49,14 @@ class Roles:
 
 # ------------------------------------------------------------------------------------------------ phases
 
-def generate(roles: Roles, prompts: list[dict], k: int, source: str, timeout_s: float | None = None) -> list[dict]:
-    """K samples per prompt from the generators, prompts spread round-robin over them (the pool's timeout applies;
-    ``timeout_s`` is kept for callers of the earlier signature)."""
+def generate(roles: Roles, prompts: list[dict], k: int, source: str) -> list[dict]:
+    """K samples per prompt from the generators, prompts spread round-robin over them."""
     n = len(roles.generators)
     chunks = [(prompts[i::n], k, source) for i in range(n) if prompts[i::n]]
     return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
 
 
-def judge(roles: Roles, comparisons: list[dict], timeout_s: float | None = None) -> list[dict]:
+def judge(roles: Roles, comparisons: list[dict]) -> list[dict]:
     """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over the judges in contiguous chunks."""
     if not comparisons:
         return []

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 def campaign_config(tmp_path: Path, model_dir: str, **override) -> str:
     sections = {
         "seed": 0,
-        "model": {"path": model_dir, "dtype": "float32", "max_prompt_tokens": 64},
+        "model": {"path": model_dir, "dtype": "float32", "max_prompt_tokens": 96},
         "algorithm": {"name": "online_dpo"},
         # The hf engine samples token by token: a round's generation lasts long enough to be hit.
         "generators": {"count": 2, "engine": "hf", "sampling": {"max_new_tokens": 40}, "timeout_s": 120,

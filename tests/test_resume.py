@@ -101,7 +101,7 @@ def test_resumed_campaign_reuses_cached_judgements_within_budget(tmp_path, tiny_
     judged, and no round judges more comparisons than its budget."""
     cfg = {
         "seed": 0,
-        "model": {"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 64},
+        "model": {"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 96},
         "algorithm": {"name": "online_dpo"},
         "generators": {"count": 1, "engine": "hf", "sampling": {"max_new_tokens": 16}},
         # One comparison per call: every verdict reaches the cache as soon as it is made.

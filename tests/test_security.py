@@ -174,7 +174,7 @@ def test_campaign_leaks_no_judge_key_and_listens_on_loopback_only(ray_cluster, t
         config = tmp_path / "campaign.yaml"
         config.write_text(yaml.safe_dump(dict(
             seed=0,
-            model={"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 64},
+            model={"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 96},
             algorithm={"name": "online_dpo"},
             generators={"count": 1, "engine": "vllm", "sampling": {"max_new_tokens": 8}, "kv_cache_gib": 0.25},
             judges={"count": 1, "retries": 1, "oracle": {
