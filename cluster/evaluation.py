@@ -342,11 +342,11 @@ def head_to_head(model_a: str, model_b: str, prompts: list[dict], oracle: dict, 
         raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
     if not prompts:
         raise ValueError("head_to_head needs at least one prompt")
-    answers = {}
+    answers, weights = {}, {}
     for side, path in (("a", model_a), ("b", model_b)):
+        weights[side] = checkpoint_or_model(path)
         config = CampaignConfig.model_validate({
-            "seed": seed, "model": {"path": checkpoint_or_model(path), "dtype": dtype,
-                                    "max_prompt_tokens": max_prompt_tokens},
+            "seed": seed, "model": {"path": weights[side], "dtype": dtype, "max_prompt_tokens": max_prompt_tokens},
             "generators": {"engine": engine, "sampling": sampling or {}}}).model_dump(mode="json")
         if engine == "hf":
             answers[side] = _generate_with(config, prompts, seed)
@@ -358,8 +358,9 @@ def head_to_head(model_a: str, model_b: str, prompts: list[dict], oracle: dict, 
                             for p, a, b in zip(prompts, answers["a"], answers["b"])])
     probs = [v["prob"] for v in verdicts]
     texts_a, texts_b = [s["response"] for s in answers["a"]], [s["response"] for s in answers["b"]]
-    result = {"model_a": model_a, "model_b": model_b, "oracle": judge.oracle.oracle_id, "engine": engine,
-              "sampling": sampling or {}, "seed": seed, "prompts": len(prompts),
+    result = {"model_a": model_a, "model_b": model_b, "weights_a": weights["a"], "weights_b": weights["b"],
+              "oracle": judge.oracle.oracle_id, "engine": engine, "sampling": config["generators"]["sampling"],
+              "dtype": dtype, "seed": seed, "prompts": len(prompts),
               "dropped": sum(p is None for p in probs),
               "mean_response_tokens_a": float(np.mean([len(s["response_ids"]) for s in answers["a"]])),
               "mean_response_tokens_b": float(np.mean([len(s["response_ids"]) for s in answers["b"]])),
