@@ -1,4 +1,4 @@
-"""The `nashray` command: run, resume, submit and inspect campaigns."""
+"""The `nashray` command: run, resume and submit campaigns; see where they stand, report them, compare models."""
 
 from __future__ import annotations
 

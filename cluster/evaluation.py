@@ -17,19 +17,20 @@ the first update, ``eval/baseline.parquet``):
   baseline was generated with (a resume that changed it), rather than reported for the wrong model.
 - ``eval_kl_ref_to_policy``: KL(π_ref ‖ π_θ) ≈ mean over the baseline answers y ~ π_ref of log π_ref(y) − log π_θ(y)
   (log π_ref scored by the generators before the first push, log π_θ by the generators each round: the same engine
-  and numerics both times, so the estimate is exactly 0 for π_θ = π_ref). It is reported only when the baseline was
+  and numerics both times, so π_θ = π_ref gives 0 up to float noise). It is reported only when the baseline was
   sampled from π_ref itself (temperature 1, top-p 1); with tempered sampling the same average is not a KL.
   The forward KL(π_θ ‖ π_ref), the one the algorithms regularise, needs log π_ref of π_θ's fresh samples, i.e. a
   second copy of the base model; the campaign does not keep one for evaluation. Its estimate is the learner's
-  ``kl_to_ref`` (mean log π_θ − log π_ref of the training pairs' first responses, on algorithms with a reference).
+  ``kl_to_ref`` (mean log π_θ − log π_ref of the training pairs' first responses during the round's updates, on
+  algorithms with a reference model; biased where the pairs are selected, as iterative DPO's best-vs-worst are).
 - ``eval_mean_response_tokens``, ``eval_initial_mean_response_tokens``, ``eval_comparisons``,
   ``eval_judge_dropped``, ``eval_s``.
 
 Each round's eval answers and verdicts are kept in ``rounds/t/eval.parquet``. Tabular games are evaluated exactly
 (``exploitability``, ``regularized_exploitability``, ``win_rate_vs_ref``: the initial tabular policy is π_ref).
 
-``ranking_accuracy`` (Chen et al. 2024, arXiv 2405.19534) is computed by the learner from its training pass with
-:func:`ranking_counts`.
+``ranking_accuracy`` (Chen et al. 2024, arXiv 2405.19534) is for the learner to compute from its pass over the
+round's pairs before the first update (π_t and π_ref log-probs) with :func:`ranking_counts`.
 """
 
 from __future__ import annotations
@@ -137,20 +138,21 @@ def length_controlled_win_rate(probs, len_a, len_b, scale: float | None = None, 
             "lc_win_rate_high": float(_sigmoid(w[0] + z * se)), "lc_length_coef": float(w[1])}
 
 
-def ranking_counts(logp_a, logp_b, ref_a, ref_b, target) -> tuple[int, int]:
+def ranking_counts(logp_a, logp_b, ref_a, ref_b, target) -> tuple[float, int]:
     """Ranking accuracy's numerator and denominator (Chen et al. 2024, "Preference Learning Algorithms Do Not Learn
     Preference Rankings", arXiv 2405.19534): over the pairs with a preferred response (target ≠ ½; target = P(a ≻ b),
     a is preferred when target > ½), how many the policy ranks right, i.e. whose preferred response has the larger
-    log-ratio log π_θ(y) − log π_ref(y) — the implicit DPO reward's ranking. A tie in log-ratio is not a right
-    ranking. Inputs are per-pair sequence log-probs (numpy arrays, lists or CPU tensors)."""
+    log-ratio log π_θ(y) − log π_ref(y) — the implicit DPO reward's ranking. A tie in log-ratio counts ½ (a coin
+    flip), so π_θ = π_ref, whose log-ratios are all 0, scores ½ rather than 0. Inputs are per-pair sequence log-probs
+    (numpy arrays, lists or CPU tensors)."""
     arrays = [np.asarray(v, dtype=float).reshape(-1) for v in (logp_a, logp_b, ref_a, ref_b, target)]
     if len({len(a) for a in arrays}) != 1:
         raise ValueError(f"ranking_counts: lengths differ {[len(a) for a in arrays]}")
     logp_a, logp_b, ref_a, ref_b, target = arrays
     margin = (logp_a - ref_a) - (logp_b - ref_b)
     decided = target != 0.5
-    right = np.where(target > 0.5, margin > 0, margin < 0) & decided
-    return int(right.sum()), int(decided.sum())
+    preferred_margin = np.where(target > 0.5, margin, -margin)[decided]
+    return float((preferred_margin > 0).sum() + 0.5 * (preferred_margin == 0).sum()), int(decided.sum())
 
 
 def ranking_accuracy(logp_a, logp_b, ref_a, ref_b, target) -> float | None:

@@ -114,13 +114,19 @@ def test_ranking_accuracy_counts_decided_pairs_by_log_ratio():
     logp_b = [-2.0, -6.0, -1.5, -1.0, -2.0]
     ref_b = [-2.0, -6.0, -2.0, -1.0, -3.0]
     target = [1.0, 0.0, 1.0, 0.5, 0.3]  # pair 3 is a tie (not decided); pair 4 prefers b
-    # right: pair 0 (a preferred, margin > 0), pair 1 (b preferred, margin < 0); wrong: pair 2 (tie in log-ratio),
-    # pair 4 (b preferred, margin > 0)
-    assert ranking_counts(logp_a, logp_b, ref_a, ref_b, target) == (2, 4)
-    assert ranking_accuracy(logp_a, logp_b, ref_a, ref_b, target) == 0.5
+    # right: pair 0 (a preferred, margin > 0), pair 1 (b preferred, margin < 0); half: pair 2 (tie in log-ratio);
+    # wrong: pair 4 (b preferred, margin > 0)
+    assert ranking_counts(logp_a, logp_b, ref_a, ref_b, target) == (2.5, 4)
+    assert ranking_accuracy(logp_a, logp_b, ref_a, ref_b, target) == 2.5 / 4
     assert ranking_accuracy([0.0], [0.0], [0.0], [0.0], [0.5]) is None
     with pytest.raises(ValueError, match="lengths differ"):
         ranking_counts([0.0], [0.0, 1.0], [0.0], [0.0], [1.0])
+
+
+def test_ranking_accuracy_of_the_reference_itself_is_a_coin_flip():
+    rng = np.random.default_rng(5)
+    ref_a, ref_b = rng.normal(-20, 5, 50), rng.normal(-20, 5, 50)
+    assert ranking_accuracy(ref_a, ref_b, ref_a, ref_b, rng.integers(0, 2, 50).astype(float)) == 0.5
 
 
 def test_compare_answers_leaves_dropped_verdicts_out():
