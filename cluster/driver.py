@@ -40,11 +40,13 @@ class Roles:
     learner: object
     judge_batch: int
     current_push: object = None
+    eval_judges: ActorPool | None = None  # started by the first evaluation when evaluation.oracle is set
 
     def shutdown(self) -> None:
         self.learner.shutdown()
-        self.generators.shutdown()
-        self.judges.shutdown()
+        for pool in (self.generators, self.judges, self.eval_judges):
+            if pool is not None:
+                pool.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -169,7 +171,7 @@ class Campaign:
         metrics: dict = {"round": t, "version": version, "generators": len(roles.generators),
                          "judges": len(roles.judges), "learner_workers": cfg.learner.workers}
         timer = time.perf_counter
-        restarts = (roles.generators.restarts, roles.judges.restarts)
+        restarts, round_start = (roles.generators.restarts, roles.judges.restarts), timer()
 
         prompts = [p.as_dict() for p in self.split.for_round(t, cfg.schedule.prompts_per_round)]
         samples_path = round_dir / "samples.parquet"
@@ -235,6 +237,7 @@ class Campaign:
             with progress.phase("eval", t) as ph:
                 metrics.update(self.evaluate(roles, weights))
                 ph.done(_eval_summary(metrics))
+        metrics["round_s"] = timer() - round_start
         metrics["generator_restarts"] = roles.generators.restarts - restarts[0]
         metrics["judge_restarts"] = roles.judges.restarts - restarts[1]
         atomic_write_json(round_dir / "metrics.json", metrics)
