@@ -37,7 +37,9 @@ def cmd_run(args) -> int:
         print(err, file=sys.stderr)
         return 2
     run = run_campaign(args.config, resume=args.resume, overrides=overrides, progress=Progress(rounds))
-    print(f"campaign finished: {run.root}")
+    from cluster.report import build_report
+    report = build_report(run.root)  # every campaign ends with its report
+    print(f"campaign finished: {run.root}\nreport: {report.path}")
     return 0
 
 
