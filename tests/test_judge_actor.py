@@ -30,7 +30,8 @@ def start_judge(ray_cluster):
         actor = ray.remote(JudgeActor).options(num_cpus=0.25).remote(
             cfg, str(cache_dir) if cache_dir else None, retries, game_spec)
         started.append(actor)
-        assert ray.get(actor.ready.remote()) is True
+        info = ray.get(actor.ready.remote())
+        assert info["node_id"] == ray.get_runtime_context().get_node_id() and info["pid"] > 0
         return actor
 
     yield start
