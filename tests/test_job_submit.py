@@ -33,7 +33,9 @@ def head_node():
     """A real head node started with the `ray` CLI (blocking, in its own process group), dashboard on loopback."""
     temp = tempfile.mkdtemp(prefix="nashray-head-", dir="/tmp")
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": temp}
+    # One auth mode for the head and its clients: a token file left in ~/.ray by an earlier cluster would otherwise
+    # make the head demand a token that the job CLI (auth mode unset) does not send.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=6",
