@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
     peaks = process_tree_peaks()
     learner.shutdown()
     ray.shutdown()
+    shutil.rmtree(run_dir.root, ignore_errors=True)  # a 135 M checkpoint with its optimizer state per round
     measured = rounds[1:] if len(rounds) > 1 else rounds
     return {"learner_start_s": round(start_s, 1), "workers": workers, "rounds": rounds,
             "measured_rounds": [r["round"] for r in measured],
@@ -205,6 +207,16 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
         for name, value in zip(parts, one_step(idx)):
             parts[name].append(value)
         tokens_per_step.append(processed_tokens([records[i] for i in idx]))
+    # What a round pays after training: the learner's checkpoint (DeepSpeed state with the optimizer, HF weights)
+    checkpoint_dir = Path(tempfile.mkdtemp(prefix="nashray-bench-ckpt-"))
+    t0 = time.perf_counter()
+    engine.save_checkpoint(str(checkpoint_dir / "deepspeed"), tag="state")
+    deepspeed_save_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.module.save_pretrained(checkpoint_dir / "hf", safe_serialization=True)
+    hf_save_s = time.perf_counter() - t0
+    checkpoint_bytes = sum(f.stat().st_size for f in checkpoint_dir.rglob("*") if f.is_file())
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     from torch.profiler import ProfilerActivity, profile
     idx = np.arange(0, mbs)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -221,6 +233,8 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
               "mfu_policy_forward_backward": 6 * n_params * tokens / fwd_bwd / 1e9 / peak_gflops,
               "mfu_whole_step": 8 * n_params * tokens / sum(med.values()) / 1e9 / peak_gflops,
               "optimizer_step_share": med["optimizer_step_s"] / sum(med.values()),
+              "checkpoint": {"deepspeed_save_s": round(deepspeed_save_s, 2), "hf_save_s": round(hf_save_s, 2),
+                             "bytes": checkpoint_bytes},
               "top_ops": ops}
     print(table, flush=True)
     return result

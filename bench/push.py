@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (Run, actor_peak_rss_mib, process_tree_peaks, setup_environment,  # noqa: E402
+from bench.common import (Run, actor_peak_rss_mib, paired_ratio, process_tree_peaks, setup_environment,  # noqa: E402
                           spread, summary_row, tmp_ray_dir)
 
 TARGET_RATIO = 1.5  # push ≤ 1.5 × the engine's own reload
@@ -206,6 +206,7 @@ def bench_engine(size: str, args, workdir: Path) -> dict:
             **{key: spread([r[key] for r in repeats]) for key in
                ("push_s", "publish_s", "apply_s", "apply_in_actor_s", "get_s", "decode_s", "nashray_reload_s",
                 "engine_reload_s", "memory_copy_s")},
+            "paired_ratio": paired_ratio([r["push_s"] for r in repeats], [r["engine_reload_s"] for r in repeats]),
             "peak_rss_mib": peaks}
 
 
@@ -271,21 +272,30 @@ def main() -> None:
                    temp_dir=tmp_ray_dir())
     workdir = Path(tempfile.mkdtemp(prefix="nashray-bench-push-"))
     results, summary = [], []
+    run.result.update(results=results, summary=summary)
     for size in sizes:
-        result = bench_engine(size, args, workdir) if size != "1b" or args.vllm_1b else bench_transport(size, args)
+        try:
+            result = (bench_engine(size, args, workdir) if size != "1b" or args.vllm_1b
+                      else bench_transport(size, args))
+        except Exception as err:  # e.g. the 1b state dict killed for memory on a loaded machine: keep the others
+            results.append({"size": size, "error": f"{type(err).__name__}: {str(err)[:2000]}"})
+            print(f"{size} failed: {results[-1]['error'][:300]}", flush=True)
+            continue
         results.append(result)
         if result["engine"]:
             push, reload = result["push_s"]["median"], result["engine_reload_s"]["median"]
             summary.append(summary_row(
                 f"weight push, {size} ({result['n_params'] / 1e6:.1f} M params, {result['dtype']})", push, reload,
                 "s", f"≤ {TARGET_RATIO}× engine reload", push <= TARGET_RATIO * reload, "vLLM reload_weights",
-                note=f"memory copy {result['memory_copy_s']['median']:.3f} s"))
+                note=f"median of per-push ratios {result['paired_ratio']['median']:.2f}; memory copy "
+                     f"{result['memory_copy_s']['median']:.3f} s"))
         else:
             summary.append(summary_row(
                 f"weight transport, {size} ({result['n_params'] / 1e9:.2f} B params, {result['dtype']})",
                 result["transport_s"]["median"], result["memory_copy_s"]["median"], "s", None, None,
                 "memory copy", note="encode+put+get+decode only; no engine at this size"))
-    run.result.update(results=results, summary=summary, peak_rss_mib=process_tree_peaks(),
+        run.write(args.out)  # after each size: a later failure keeps what was measured
+    run.result.update(peak_rss_mib=process_tree_peaks(),
                       measures={"push_s": "publish_s (learner: encode + ray.put) + apply_s (apply_weights round "
                                           "trip on every generator: ray.get, decode, vLLM reload, prefix reset)",
                                 "engine_reload_s": "vLLM worker.reload_weights over the same decoded tensors in the "
@@ -293,9 +303,8 @@ def main() -> None:
                                 "memory_copy_s": "Tensor.copy_ of the same tensors into preallocated ones, in the "
                                                  "generator process"})
     run.write(args.out)
-    print(f"{'metric':60s} {'nashray':>10s} {'baseline':>10s} {'ratio':>7s}")
     for row in summary:
-        print(f"{row['metric']:60s} {row['nashray']:10.3f} {row['baseline']:10.3f} {row['ratio']:7.2f}")
+        print(row)
     import ray
     ray.shutdown()
 

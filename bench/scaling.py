@@ -6,7 +6,7 @@ first a warm-up; the round wall time is the median of the others, with its phase
 the base point (``--base-prompts`` prompts, K = 2, one generator). All pairs of the K samples are judged and
 trained on (K·(K−1)/2 per prompt), in micro-batches of 8.
 
-    .venv/bin/python bench/scaling.py [--prompts 4,16,64] [--k 2,4,8] [--generators 1,2] [--rounds 3]
+    .venv/bin/python bench/scaling.py [--prompts 4,16,48] [--k 2,4,8] [--generators 1,2] [--rounds 3]
 
 Writes ``bench/results/scaling.json``.
 """
@@ -41,7 +41,7 @@ def fit_line(xs: list[float], ys: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", default="4,16,64")
+    parser.add_argument("--prompts", default="4,16,48", help="at most the 48 demo prompts: more repeat prompts")
     parser.add_argument("--k", default="2,4,8")
     parser.add_argument("--generators", default="1,2")
     parser.add_argument("--base-prompts", type=int, default=16)
