@@ -13,7 +13,7 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).parent / "results"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ("push", "generation", "learner", "end_to_end", "scaling")
+ORDER = ("push", "generation", "learner", "end_to_end_quiet", "end_to_end", "scaling")
 
 
 def _fmt(x) -> str:
@@ -27,19 +27,19 @@ def _fmt(x) -> str:
 
 
 def load_results() -> list[dict]:
-    found = {p.stem: json.loads(p.read_text()) for p in RESULTS_DIR.glob("*.json")}
+    found = {p.stem: {**json.loads(p.read_text()), "file": p.name} for p in RESULTS_DIR.glob("*.json")}
     return [found[name] for name in sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else 99, n))]
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| benchmark | metric | nashray | baseline | ratio | target | met | load (1 min, start → end) | "
+    lines = ["| result file | metric | nashray | baseline | ratio | target | met | load (1 min, start → end) | "
              "notes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         load = r.get("load", {})
         load_text = f"{_fmt(load.get('start', [None])[0])} → {_fmt(load.get('end', [None])[0])}"
         for row in r.get("summary", []):
             baseline = _fmt(row["baseline"]) + (f" ({row['baseline_name']})" if row.get("baseline_name") else "")
-            lines.append(f"| `{r['benchmark']}` | {row['metric']} | {_fmt(row['nashray'])} {row['unit']} | "
+            lines.append(f"| `{r['file']}` | {row['metric']} | {_fmt(row['nashray'])} {row['unit']} | "
                          f"{baseline} | {_fmt(row['ratio'])} | {_fmt(row['target'])} | {_fmt(row['met'])} | "
                          f"{load_text} | {row.get('note') or ''} |")
     return "\n".join(lines)
