@@ -58,6 +58,7 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
         for t in range(2):  # the same DeepSpeed engine serves both rounds
             ds = ray.data.from_items(rows)
             results.append(learner.train_round(t, ds.split(2, equal=True), tmp_path / f"ckpt-{t}", t + 1))
+        pushed = decode_state_dict(payload_bytes(results[1]["weights"]))  # its owner, the mailbox, ends at shutdown
     finally:
         learner.shutdown()
 
@@ -70,7 +71,6 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
 
     # The checkpoint is an HF folder; the pushed weights are exactly the checkpoint's.
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt-1", dtype=torch.float32)
-    pushed = decode_state_dict(payload_bytes(results[1]["weights"]))
     assert results[1]["weights"].version == 2
     for name, tensor in trained.state_dict().items():
         torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=0)
