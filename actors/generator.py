@@ -38,10 +38,15 @@ class GeneratorActor:
     def version(self) -> int:
         return self._version
 
-    def generate(self, prompts: list[dict], n: int, source: str = "policy", seed: int | None = None) -> list[dict]:
+    def generate(self, prompts: list[dict], n: int, source: str = "policy", seed: int | None = None,
+                 score: bool = False) -> list[dict]:
         """n sample records per prompt (``{"prompt_id", "prompt"}`` dicts), in prompt order, from ``source``:
         ``policy`` (π_t), ``ref`` (π_ref) or ``mixture`` (Nash-MD's π_t^{1−β}·π_ref^{β}). ``seed`` makes the draw
-        reproducible; None continues this generator's own stream (seeded by campaign seed and rank)."""
+        reproducible; None continues this generator's own stream (seeded by campaign seed and rank).
+
+        ``logprob`` is the sampling distribution's (after temperature and top-p). With ``score``, each record also
+        gets ``policy_logprob``: log π(response | prompt) under the loaded weights at temperature 1 — what the losses
+        need as π_t when the learner has moved on by the time it trains on these samples (asynchronous rounds)."""
         if source not in SOURCES:
             raise ValueError(f"unknown sample source {source!r}; expected one of {SOURCES}")
         if not isinstance(n, int) or n < 1:
@@ -63,6 +68,14 @@ class GeneratorActor:
                                 "logprob": sample.logprob, "version": self._version, "source": source,
                                 "sample_index": index})
                 self._tokens += len(sample.ids)
+        if score:
+            scored = [i for i, r in enumerate(records) if r["response_ids"]]  # an empty response's log-prob is 0
+            logprobs = self.engine.sequence_logprobs([records[i]["prompt_ids"] for i in scored],
+                                                     [records[i]["response_ids"] for i in scored]) if scored else []
+            for r in records:
+                r["policy_logprob"] = 0.0
+            for i, lp in zip(scored, logprobs):
+                records[i]["policy_logprob"] = float(lp)
         self._samples += len(records)
         self._busy_s += time.perf_counter() - start
         return records

@@ -223,6 +223,8 @@ def nashray_side(folder: str, args: dict, overrides: dict | None = None) -> dict
         row = {"wall_s": wall, "pairs": m["train_records"], "load_1m": load,
                **{k: m.get(k) for k in keys if m.get(k) is not None},
                "mean_response_tokens": m.get("mean_response_tokens"),
+               # phase walls that may overlap (asynchronous rounds): not part of other_s
+               **{k: m[k] for k in ("prepare_s", "train_phase_s") if k in m},
                "phase_wall_s": {k: round(v, 3) for k, v in phases.items()}}
         row["other_s"] = wall - sum(row.get(k, 0.0) for k in keys)
         # the learner's round trip beyond its own compute: checkpoint save, dataset read, Ray Train messaging

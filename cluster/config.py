@@ -339,7 +339,13 @@ class ScheduleConfig(Strict):
     rounds: int = Field(3, ge=1)
     prompts_per_round: int = Field(8, ge=1)
     samples_per_prompt: int = Field(2, ge=2, description="K responses per prompt from π_t")
-    async_rounds: bool = Field(False, description="generate round t+1 with π_t while round t trains (one-step-off)")
+    async_rounds: bool = Field(False, description="generate and judge round t+1 with π_t while round t trains "
+                                                   "(one-step-off); the losses take π_t from the generators")
+    async_anchor: Literal["generator", "learner"] = Field(
+        "generator", description="π_t of asynchronous rounds' losses: the policy that generated the samples (its "
+                                "generators' log-probs) or the learner's newest policy (its own forward)")
+    max_staleness: int = Field(1, ge=0, description="records whose samples come from a policy more than this many "
+                                                    "versions behind the one being trained are dropped and counted")
 
 
 class StorageConfig(Strict):
@@ -352,6 +358,8 @@ class EvaluationConfig(Strict):
     prompts: int = Field(8, ge=0)
     oracle: OracleConfig | None = Field(None, description="the judge of the held-out win rates (one extra judge "
                                                           "actor); omitted: the judges' oracle")
+    ranking_accuracy: bool = Field(True, description="the learner's π_t-vs-π_ref ranking accuracy on each round's "
+                                                     "pairs (one extra no-grad forward for the DPO family)")
 
 
 class ClusterConfig(Strict):
@@ -400,6 +408,9 @@ class CampaignConfig(Strict):
         if self.generators.weight_transport == "broadcast" and self.generators.on_failure != "abort":
             raise ValueError("generators.weight_transport 'broadcast' forms a fixed collective group that a replaced "
                              "or dropped generator would leave waiting: it needs generators.on_failure 'abort'")
+        if self.schedule.async_rounds and self.schedule.max_staleness < 1:
+            raise ValueError("schedule.async_rounds trains each round on samples of the policy one version behind: "
+                             "it needs schedule.max_staleness ≥ 1")
         if self.algorithm.name == "nash_md" and self.generators.engine == "vllm":
             raise ValueError("algorithm 'nash_md' samples from the token-level mixture of π_θ and π_ref, which "
                              "generators.engine 'vllm' cannot: use 'hf' or 'tabular'")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +52,11 @@ class Roles:
 
 # ------------------------------------------------------------------------------------------------ phases
 
-def generate(roles: Roles, prompts: list[dict], k: int, source: str) -> list[dict]:
-    """K samples per prompt from the generators, prompts spread round-robin over them."""
+def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
+    """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
+    :meth:`actors.generator.GeneratorActor.generate`)."""
     n = len(roles.generators)
-    chunks = [(prompts[i::n], k, source) for i in range(n) if prompts[i::n]]
+    chunks = [(prompts[i::n], k, source, None, score) for i in range(n) if prompts[i::n]]
     return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
 
 
@@ -164,14 +166,17 @@ class Campaign:
                                                 cfg.data.shuffle_seed)
 
     # ---------------------------------------------------------------- one round
-    def round(self, roles: Roles, t: int, version: int) -> dict:
+    def prepare(self, roles: Roles, t: int, train_version: int) -> dict:
+        """Round t's data, up to its persisted training dataset: generate with the generators' current policy, judge,
+        build records. ``train_version`` is the policy version that will train on it (the generators' own, or one
+        ahead with asynchronous rounds). Returns the round's metrics so far, with its ``dataset``."""
         cfg, run, algo, progress = self.cfg, self.run, self.algorithm, self.progress
         round_dir = run.round_dir(t)
         rng = np.random.default_rng([cfg.seed, t])
-        metrics: dict = {"round": t, "version": version, "generators": len(roles.generators),
+        metrics: dict = {"round": t, "version": train_version, "generators": len(roles.generators),
                          "judges": len(roles.judges), "learner_workers": cfg.learner.workers}
         timer = time.perf_counter
-        restarts, round_start = (roles.generators.restarts, roles.judges.restarts), timer()
+        restarts, prepare_start = (roles.generators.restarts, roles.judges.restarts), timer()
 
         prompts = [p.as_dict() for p in self.split.for_round(t, cfg.schedule.prompts_per_round)]
         samples_path = round_dir / "samples.parquet"
@@ -180,7 +185,10 @@ class Campaign:
                 samples = read_table(samples_path)
             else:
                 t0 = timer()
-                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy")
+                # Asynchronous rounds train on these samples after the learner has moved on: the generators also
+                # score them under the policy that drew them, which the losses then use as π_t.
+                score = cfg.schedule.async_rounds and cfg.schedule.async_anchor == "generator"
+                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", score)
                 if algo.ref_samples:
                     samples += generate(roles, prompts, algo.ref_samples, "ref")
                 if algo.mixture_samples:
@@ -194,6 +202,7 @@ class Campaign:
         by_prompt = group_by_prompt(samples)
         policy = [s for s in samples if s["source"] == "policy"]
         metrics["mean_response_tokens"] = float(np.mean([len(s["response_ids"]) for s in policy]))
+        metrics["staleness"] = train_version - min(int(s["version"]) for s in policy)
 
         judgements_path = round_dir / "judgements.parquet"
         with progress.phase("judge", t) as ph:
@@ -212,35 +221,46 @@ class Campaign:
             metrics["judge_dropped"] = sum(r["prob"] is None for r in rows)
             ph.done(f"{len(rows)} comparisons, {metrics['judge_dropped']} dropped")
 
-        train_dir = round_dir / "train"
         records = [r for p, s in by_prompt.items() for r in algo.build_records(s, judged[p], cfg.algorithm)]
-        metrics["train_records"] = len(records)
-        if not records:
-            raise RuntimeError(f"round {t}: no training records (all {len(rows)} comparisons dropped or tied); "
-                               f"see {judgements_path}")
-        dataset = self._persist_dataset(records, train_dir)
+        fresh = [r for r in records if train_version - min_version(r) <= cfg.schedule.max_staleness]
+        metrics["train_records"], metrics["stale_records_dropped"] = len(fresh), len(records) - len(fresh)
+        if not fresh:
+            raise RuntimeError(f"round {t}: no training records (of {len(rows)} comparisons: "
+                               f"{metrics['judge_dropped']} dropped, {len(records)} records, "
+                               f"{metrics['stale_records_dropped']} more than schedule.max_staleness="
+                               f"{cfg.schedule.max_staleness} versions old); see {judgements_path}")
+        metrics["dataset"] = self._persist_dataset(fresh, round_dir / "train")
+        metrics["prepare_s"] = timer() - prepare_start
+        metrics["generator_restarts"] = roles.generators.restarts - restarts[0]
+        metrics["judge_restarts"] = roles.judges.restarts - restarts[1]
+        return metrics
 
-        checkpoint = run.checkpoint_dir(t)
+    def train_and_push(self, roles: Roles, t: int, prepared: dict, ahead=None) -> dict:
+        """Train round t on its prepared dataset; once ``ahead`` (the next round's preparation, running meanwhile
+        on the generators and judges) is done, push the new policy to every generator and evaluate it."""
+        cfg, progress, timer = self.cfg, self.progress, time.perf_counter
+        metrics = {k: v for k, v in prepared.items() if k != "dataset"}
+        version, start = metrics["version"], timer()
         with progress.phase("train", t) as ph:  # a round whose checkpoint is complete is not trained again
-            result = roles.learner.train_round(t, dataset.split(self.cfg.learner.workers, equal=True), checkpoint,
-                                               version + 1)
+            result = roles.learner.train_round(t, prepared["dataset"].split(cfg.learner.workers, equal=True),
+                                               self.run.checkpoint_dir(t), version + 1)
             ph.done(f"loss {result['loss']:.4f}")
+        metrics["train_phase_s"] = timer() - start
         weights, probe = result.pop("weights"), result.pop("probe")
         metrics.update({k: v for k, v in result.items() if k != "round"})
+        if ahead is not None:
+            ahead.result()  # a generator cannot take weights in the middle of a generate call
+            metrics["overlap_wait_s"] = timer() - start - metrics["train_phase_s"]
 
         with progress.phase("push", t) as ph:
             metrics["push_s"] = push_weights(roles, weights, version + 1)
             metrics["push_logprob_max_abs_diff"] = verify_push(roles, probe)
             ph.done(f"version {version + 1}, generator log-probs within "
                     f"{metrics['push_logprob_max_abs_diff']:.1e} of the learner's")
-        if self.cfg.evaluation.every_rounds and (t + 1) % self.cfg.evaluation.every_rounds == 0:
+        if cfg.evaluation.every_rounds and (t + 1) % cfg.evaluation.every_rounds == 0:
             with progress.phase("eval", t) as ph:
                 metrics.update(self.evaluate(roles, weights))
                 ph.done(_eval_summary(metrics))
-        metrics["round_s"] = timer() - round_start
-        metrics["generator_restarts"] = roles.generators.restarts - restarts[0]
-        metrics["judge_restarts"] = roles.judges.restarts - restarts[1]
-        atomic_write_json(round_dir / "metrics.json", metrics)
         return metrics
 
     def _persist_dataset(self, records: list[dict], train_dir: Path):
@@ -314,22 +334,42 @@ class Campaign:
         return roles
 
     def run_rounds(self, roles: Roles, state: CampaignState) -> CampaignState:
+        """The rounds, one after another; with ``schedule.async_rounds``, round t+1 is generated and judged by π_t
+        on the generators and judges while the learner trains round t (one-step-off)."""
         cfg, run = self.cfg, self.run
         if state.checkpoint:  # generators start from the base model: bring them to the resumed version
             push_weights(roles, roles.learner.current_weights(state.version), state.version)
         elif cfg.evaluation.every_rounds:
             from cluster.evaluation import ensure_baseline
             ensure_baseline(self, roles)
-        for t in range(state.rounds_completed, cfg.schedule.rounds):
-            metrics = self.round(roles, t, state.version)
-            state = CampaignState(rounds_completed=t + 1, version=state.version + 1,
-                                  checkpoint=str(run.checkpoint_dir(t)))
-            run.record_metrics(metrics)
-            write_tensorboard(run.root, metrics)  # RUN_DIR/tb/, a view of metrics.jsonl
-            run.write_state(state)  # last: a crash before this line replays (from its files) only this round
-            run.prune_checkpoints(cfg.storage.keep_checkpoints, protect=t)
-            self.progress.round_summary(metrics)
+        overlap = ThreadPoolExecutor(1, thread_name_prefix="nashray-next-round") if cfg.schedule.async_rounds else None
+        prepared = None
+        try:
+            for t in range(state.rounds_completed, cfg.schedule.rounds):
+                start = time.perf_counter()
+                prepared = prepared or self.prepare(roles, t, state.version)
+                ahead = (overlap.submit(self.prepare, roles, t + 1, state.version + 1)
+                         if overlap is not None and t + 1 < cfg.schedule.rounds else None)
+                metrics = self.train_and_push(roles, t, prepared, ahead)
+                prepared = ahead.result() if ahead is not None else None
+                metrics["round_s"] = time.perf_counter() - start
+                state = CampaignState(rounds_completed=t + 1, version=state.version + 1,
+                                      checkpoint=str(run.checkpoint_dir(t)))
+                atomic_write_json(run.round_dir(t) / "metrics.json", metrics)
+                run.record_metrics(metrics)
+                write_tensorboard(run.root, metrics)  # RUN_DIR/tb/, a view of metrics.jsonl
+                run.write_state(state)  # last: a crash before this line replays (from its files) only this round
+                run.prune_checkpoints(cfg.storage.keep_checkpoints, protect=t)
+                self.progress.round_summary(metrics)
+        finally:
+            if overlap is not None:  # on an error, the next round's calls fail with the actors shut down after this
+                overlap.shutdown(wait=False, cancel_futures=True)
         return state
+
+
+def min_version(record: dict) -> int:
+    """The oldest policy version among a training record's samples (b_version is -1 for single-response records)."""
+    return min(v for v in (record["a_version"], record["b_version"]) if v >= 0)
 
 
 def _eval_summary(m: dict) -> str:

@@ -22,7 +22,6 @@ class Progress:
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.round_seconds: list[float] = []
-        self._round_start: float | None = None
 
     def _print(self, line: str) -> None:
         if not self.quiet:
@@ -30,8 +29,6 @@ class Progress:
 
     @contextmanager
     def phase(self, name: str, t: int):
-        if self._round_start is None:
-            self._round_start = time.perf_counter()
         self._print(f"[round {t}] {name} …")
         ph, start = _Phase(), time.perf_counter()
         yield ph
@@ -39,15 +36,16 @@ class Progress:
                     + (f": {ph.note}" if ph.note else ""))
 
     def round_summary(self, m: dict) -> None:
-        elapsed = time.perf_counter() - (self._round_start or time.perf_counter())
-        self._round_start = None
+        elapsed = m["round_s"]
         self.round_seconds.append(elapsed)
         eta = ""
         if self.rounds:
             left = self.rounds - (m["round"] + 1)
             eta = f", ETA {left * sum(self.round_seconds) / len(self.round_seconds):.0f}s" if left > 0 else ""
         fields = [f"round {m['round']} ({elapsed:.0f}s{eta})", f"loss {m.get('loss', float('nan')):.4f}"]
-        for key, label, fmt in (("win_rate_vs_initial", "win vs initial", ".3f"), ("kl_to_ref", "KL", ".3f"),
+        for key, label, fmt in (("win_rate_vs_initial", "win vs initial", ".3f"),
+                                ("lc_win_rate_vs_initial", "LC win", ".3f"), ("kl_to_ref", "KL", ".3f"),
+                                ("ranking_accuracy", "rank acc", ".3f"),
                                 ("mean_response_tokens", "len", ".1f"),
                                 ("regularized_exploitability", "reg.expl", ".2e"),
                                 ("judge_comparisons", "judged", "d")):

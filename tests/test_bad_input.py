@@ -50,6 +50,8 @@ HTTP = {"kind": "http", "url": "http://127.0.0.1:9/v1"}
     ({"judges": {"oracle": {"kind": "matrix"}}}, ["judges.oracle.kind 'matrix'", "generators.engine"]),
     ({"algorithm": {"name": "nash_md"}, "generators": {"engine": "vllm"}}, ["nash_md", "generators.engine 'vllm'"]),
     ({"algorithm": {"name": "inpo", "eta": 5, "tau": 0.5}}, ["algorithm.inpo", "eta * tau = 2.5 > 1"]),
+    ({"schedule": {"async_rounds": True, "max_staleness": 0}}, ["schedule.async_rounds", "max_staleness ≥ 1"]),
+    ({"schedule": {"async_anchor": "judge"}}, ["schedule.async_anchor", "'generator' or 'learner'"]),
     ({"judges": {"oracle": {"kind": "reward_model", "model": "m", "engine": "vllm"}}},
      ["judges.oracle.reward_model", "engine 'vllm' serves kind 'llm_judge' only"]),
 ])

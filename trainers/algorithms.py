@@ -7,7 +7,8 @@ dropped) and the pydantic algorithm config (``cluster.config``). Only ``source =
 compared with each other; ``ref`` samples are XPO's exploration sequences, ``mixture`` samples Nash-MD's opponents.
 
 Records (one row of a round's training data): ``prompt_id, prompt_ids, a_ids, b_ids ([] for single-response
-records), x_ids ([] unless XPO), target, a_score, b_score, a_version, b_version (-1 without b)``. ``target`` is
+records), x_ids ([] unless XPO), target, a_score, b_score, a_version, b_version (-1 without b), a_policy_logprob,
+b_policy_logprob`` (the generating policy's log-probs of a and b when the generator scored its samples, NaN else). ``target`` is
 P(a ≻ b) for pair records (hard: 0/1 with ties dropped, soft: the judged probability; best-vs-worst pairs: 1), SPPO's
 win rate P̂(a ≻ π_t), Nash-MD's P(a ≻ its mixture sample); ``a_score``/``b_score`` carry the per-response statistic
 the pair was built from (leave-one-out win rates for SPPO and DNO, Bradley-Terry scores for iterative DPO, 0 else).
@@ -16,6 +17,7 @@ Win rates and BT fits always use the judged probabilities; ``label`` applies to 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -86,7 +88,9 @@ def _record(a: Sample, b: Sample | None, target: float, a_score: float = 0.0, b_
             "b_ids": list(b["response_ids"]) if b is not None else [],
             "x_ids": list(x["response_ids"]) if x is not None else [],
             "target": float(target), "a_score": float(a_score), "b_score": float(b_score),
-            "a_version": int(a["version"]), "b_version": int(b["version"]) if b is not None else -1}
+            "a_version": int(a["version"]), "b_version": int(b["version"]) if b is not None else -1,
+            "a_policy_logprob": float(a.get("policy_logprob", math.nan)),
+            "b_policy_logprob": float(b.get("policy_logprob", math.nan)) if b is not None else math.nan}
 
 
 def _label(p: float, cfg) -> float | None:

@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 STOP = "stop"
@@ -169,8 +171,12 @@ class RoundData:
         columns = {}
         for name in ("prompt_ids", "a_ids", "b_ids", "x_ids"):
             columns[name] = table.column(name).to_pylist() if table is not None else []
-        for name in ("target", "a_score", "b_score"):
-            columns[name] = (table.column(name).to_numpy().astype("float64") if table is not None else [])
+        for name in ("target", "a_score", "b_score", "a_policy_logprob", "b_policy_logprob", "a_version",
+                     "b_version"):
+            # Datasets persisted before the generating policy's log-probs were recorded lack them: NaN, unknown.
+            present = table is not None and name in table.column_names
+            columns[name] = (table.column(name).to_numpy().astype("float64") if present
+                             else np.full(len(table) if table is not None else 0, np.nan))
         return cls(columns)
 
     def __len__(self) -> int:
@@ -182,6 +188,25 @@ class RoundData:
     def tensors(self, idx) -> dict:
         import torch
         return {name: torch.from_numpy(self.columns[name][idx]) for name in ("target", "a_score", "b_score")}
+
+    def oldest_version(self) -> float:
+        """The oldest policy version that generated a sample of this shard (NaN when unknown or empty)."""
+        versions = np.concatenate([self.columns["a_version"], self.columns["b_version"]])
+        versions = versions[versions >= 0]  # -1: a record without b
+        return float(versions.min()) if len(versions) else math.nan
+
+    def policy_logprobs(self, idx, keys: tuple[str, ...]) -> dict:
+        """``t_*``: the generating policy's log-probs as its generator recorded them."""
+        import torch
+        out = {}
+        for key in keys:
+            values = self.columns[f"{key}_policy_logprob"][idx]
+            if np.isnan(values).any():
+                raise ValueError(f"training records lack {key}_policy_logprob, the log-prob of the policy that "
+                                 "generated them, which the learner no longer holds: were they generated with "
+                                 "schedule.async_rounds off and trained with it on?")
+            out[f"t_{key}"] = torch.from_numpy(values.copy())
+        return out
 
     def tokens(self, idx) -> int:
         return sum(len(self.columns[c][i]) for c in ("prompt_ids", "a_ids", "b_ids", "x_ids") for i in idx)
@@ -311,7 +336,8 @@ def learner_loop(loop_config: dict) -> None:
                 state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
             else:
                 result = _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
-                                      learner_cfg)
+                                      learner_cfg, config["evaluation"]["ranking_accuracy"],
+                                      config["schedule"]["async_anchor"])
                 state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
                 _save_checkpoint(engine, state, tokenizer, Path(task["checkpoint_dir"]), rank, result)
             if rank == 0:
@@ -342,18 +368,33 @@ def _open_broadcast(task: dict, mailbox, seq: int):
                                   timeout_s=task["timeout_s"])
 
 
-def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg) -> dict:
+def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg,
+                 ranking: bool, anchor: str) -> dict:
     import numpy as np
     import torch
     import torch.distributed as dist
 
+    from cluster.evaluation import ranking_counts
+
     t_start = time.perf_counter()
     data = RoundData.from_shard(task["shards"][rank])
     mbs = learner_cfg["micro_batch_size"]
-    # Every worker must take the same number of optimizer steps (collectives in lockstep).
-    local_steps = torch.tensor([math.ceil(len(data) / mbs)])
-    dist.all_reduce(local_steps, op=dist.ReduceOp.MIN)
-    steps_per_epoch = int(local_steps.item())
+    # Every worker must take the same number of optimizer steps (collectives in lockstep); every worker must also
+    # take π_t from the same place, so the shards agree on whether any sample comes from an older policy.
+    oldest = data.oldest_version()
+    shard_facts = torch.tensor([math.ceil(len(data) / mbs), oldest if not math.isnan(oldest) else 1e9])
+    dist.all_reduce(shard_facts, op=dist.ReduceOp.MIN)
+    steps_per_epoch = int(shard_facts[0].item())
+    # π_t is the policy that generated the round. The learner holds it unless the round was generated while the
+    # previous one trained (asynchronous rounds): then the generators' recorded log-probs of their samples stand in,
+    # or, with the "learner" anchor, the learner's newest policy takes its place.
+    learner_version = task["version"] - 1
+    generated_by_older = shard_facts[1].item() < learner_version and anchor == "generator"
+    pi_t_keys = tuple(k for k in keys if k != "x") if algorithm.needs_pi_t else ()
+    # Ranking accuracy (π_t vs π_ref) costs one more no-grad forward where the loss needs no π_t.
+    ranked = ranking and algorithm.needs_ref and "b" in keys
+    if ranked and not pi_t_keys:
+        pi_t_keys = ("a", "b")
 
     chunks: list[dict] = []  # π_t and π_ref log-probs, computed once, before the round's first update
     engine.eval()
@@ -361,12 +402,17 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
         for start in range(0, len(data), mbs):
             idx = np.arange(start, min(start + mbs, len(data)))
             lp = {}
-            if algorithm.needs_pi_t:
-                lp.update(_score(scorer, engine, data, idx, tuple(k for k in keys if k != "x"), "t"))
+            if pi_t_keys:
+                lp.update(data.policy_logprobs(idx, pi_t_keys) if generated_by_older
+                          else _score(scorer, engine, data, idx, pi_t_keys, "t"))
             if algorithm.needs_ref:
                 lp.update(_score(scorer, reference, data, idx, keys, "ref"))
             chunks.append(lp)
     fixed = {name: torch.cat([c[name] for c in chunks]) for name in (chunks[0] if chunks else {})}
+    right, decided = (ranking_counts(fixed["t_a"], fixed["t_b"], fixed["ref_a"], fixed["ref_b"],
+                                     data.columns["target"]) if ranked and len(data) else (0.0, 0))
+    if not algorithm.needs_pi_t:  # computed for the ranking only: the loss must not see it
+        fixed = {name: values for name, values in fixed.items() if not name.startswith("t_")}
     t_logprobs = time.perf_counter() - t_start
 
     engine.train()
@@ -391,10 +437,13 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
         probe_prompts, probe_responses = data.sequences("a", probe_idx)
         probe = {"prompt_ids": probe_prompts, "response_ids": probe_responses,
                  "logprobs": scorer(engine, probe_prompts, probe_responses).double().tolist()}
-    stats = torch.tensor([sum(losses), len(losses), sum(kls), len(kls), tokens, len(data)], dtype=torch.float64)
+    stats = torch.tensor([sum(losses), len(losses), sum(kls), len(kls), tokens, len(data), right, decided],
+                         dtype=torch.float64)
     dist.all_reduce(stats)
     return {
         "round": task["round"],
+        "ranking_accuracy": float(stats[6] / stats[7]) if stats[7] else None,
+        "pi_t_from_generators": bool(generated_by_older and pi_t_keys),
         "rows": int(stats[5]),
         "steps": steps_per_epoch * learner_cfg["epochs_per_round"],
         "loss": float(stats[0] / max(stats[1], 1)),
