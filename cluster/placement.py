@@ -104,8 +104,9 @@ def cluster_shapes() -> list[NodeShape]:
 
 
 def _demands(cfg: CampaignConfig) -> list[tuple[str, str, int, dict[str, float]]]:
-    """(role, what the config says, how many actors, one actor's bundle) for every long-lived actor of a campaign."""
-    return [
+    """(role, what the config says, how many actors, one actor's bundle) for every long-lived actor of a campaign,
+    the evaluation's own judge included (one actor shaped like the judges, when evaluation.oracle is set)."""
+    demands = [
         ("generators", f"generators.count={cfg.generators.count}", cfg.generators.count,
          _bundle(cfg.generators.resources, "generators.resources")),
         ("judges", f"judges.count={cfg.judges.count}", cfg.judges.count,
@@ -113,6 +114,10 @@ def _demands(cfg: CampaignConfig) -> list[tuple[str, str, int, dict[str, float]]
         ("learner", f"learner.workers={cfg.learner.workers}", cfg.learner.workers,
          _bundle(cfg.learner.resources, "learner.resources")),
     ]
+    if cfg.evaluation.oracle is not None and cfg.evaluation.every_rounds:
+        demands.append(("eval judge", "evaluation.oracle (one judge actor)", 1,
+                        _bundle(cfg.judges.resources, "judges.resources")))
+    return demands
 
 
 def check_placeable(cfg: CampaignConfig, shapes: list[NodeShape] | None = None,

@@ -121,6 +121,9 @@ def test_missing_config_file_and_override_into_a_value(tmp_path):
       "learner": {"workers": 1, "resources": {"num_cpus": 2}}}, [{"CPU": 8}],
      ["together need CPU=10", "generators CPU=4", "judges CPU=4", "learner CPU=2", "the cluster has CPU=8"]),
     ({"judges": {"resources": {"custom": {"CPU": 2}}}}, [{"CPU": 8}], ["judges.resources.custom", "'CPU'"]),
+    ({"generators": {"resources": {"num_cpus": 2}}, "judges": {"resources": {"num_cpus": 2}},
+      "learner": {"resources": {"num_cpus": 2}}, "evaluation": {"oracle": {"kind": "rule", "rule": "concise_answer"}}},
+     [{"CPU": 6}], ["together need CPU=8", "eval judge CPU=2"]),            # the evaluation's own judge counts too
 ])
 def test_unplaceable_campaigns_name_the_role_and_resource(config, nodes, names):
     from cluster.placement import NodeShape, check_placeable

@@ -21,7 +21,7 @@ def rounds_of(run_dir) -> list[int]:
 
 
 @pytest.mark.parametrize("async_rounds,anchor,rounds", [(False, "generator", 16), (True, "learner", 16),
-                                                        (True, "generator", 24)],
+                                                        (True, "generator", 28)],
                          ids=["sync", "one-step-off-learner-anchor", "one-step-off-generator-anchor"])
 def test_tabular_rps_inpo_reaches_regularised_nash(ray_cluster, tmp_path, async_rounds, anchor, rounds):
     """Generator actors sample actions, judge actors draw Bernoulli(P) verdicts, the Ray Train learner trains INPO.
