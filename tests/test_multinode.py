@@ -5,14 +5,14 @@ would be: a head, an ``inference`` node and a ``training`` node. They are starte
 rather than ``ray start``: a worker node's ``ray start --address`` refuses to run while
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and without that variable Ray swaps 127.0.0.1 for the machine's interface
 address and every raylet listens on all interfaces. ``Cluster`` starts the same processes and keeps them on
-loopback; the fixture stops exactly the processes it started.
+loopback; the fixture stops exactly the processes it started. The head serves the dashboard (and with it the job
+server) on 127.0.0.1, for ``ray job submit``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -23,6 +23,7 @@ import pytest
 
 from cluster.config import Resources, parse_config
 from cluster.placement import NodeShape, actor_options, check_placeable, cluster_shapes, learner_scaling
+from tests.ray_jobs import AUTH_ENV, assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
 
 NODE_RESOURCES = {"inference": {"inference": 2}, "training": {"training": 1}}
 OBJECT_STORE_BYTES = 80 * 2**20
@@ -34,22 +35,17 @@ class MultinodeCluster:
     head_node_id: str
     node_ids: dict[str, str]    # custom resource name → id of the one node that offers it
     temp_dir: str
+    dashboard_url: str          # the head's dashboard and job server, for `ray job submit --address`
     cluster: Any                # the ray.cluster_utils.Cluster, to add or remove nodes (keep add_node's env)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def multinode_cluster():
     """A head (1 CPU) plus one worker node per entry of NODE_RESOURCES (2 CPUs each), all on 127.0.0.1.
 
-    Ray writes a "current cluster" file under RAY_TMPDIR and, even without a dashboard, serves its minimal dashboard
-    and metrics on fixed default ports; all of them are made private here so that other clusters on the same
-    machine neither find this one nor collide with it."""
+    Ray writes a "current cluster" file under RAY_TMPDIR and serves its dashboard, dashboard agent and metrics on
+    fixed default ports; all of them are made private here so that other clusters on the same machine neither find
+    this one nor collide with it. Token auth is off, as for the job CLI (tests/ray_jobs.py)."""
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="nr-mn-", dir="/tmp")  # short: Ray's socket paths live under it
@@ -57,17 +53,21 @@ def multinode_cluster():
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         env.setenv("RAY_TMPDIR", temp_dir)
-        env.setenv("AUTOSCALER_METRIC_PORT", str(_free_port()))
-        env.setenv("DASHBOARD_METRIC_PORT", str(_free_port()))
+        env.setenv("AUTOSCALER_METRIC_PORT", str(free_port()))
+        env.setenv("DASHBOARD_METRIC_PORT", str(free_port()))
+        for name, value in AUTH_ENV.items():
+            env.setenv(name, value)
         try:
             common = dict(node_ip_address="127.0.0.1", object_store_memory=OBJECT_STORE_BYTES)
             cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
-                num_cpus=1, include_dashboard=False, dashboard_port=_free_port(),
+                num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+                dashboard_agent_listen_port=free_port(), metrics_export_port=free_port(),
                 temp_dir=os.path.join(temp_dir, "ray"), **common))
             node_ids = {name: cluster.add_node(num_cpus=2, resources=res, **common).node_id
                         for name, res in NODE_RESOURCES.items()}
             cluster.wait_for_nodes()
-            yield MultinodeCluster(cluster.address, cluster.head_node.node_id, node_ids, temp_dir, cluster)
+            yield MultinodeCluster(cluster.address, cluster.head_node.node_id, node_ids, temp_dir,
+                                   f"http://{cluster.webui_url}", cluster)
         finally:
             if cluster is not None:
                 cluster.shutdown()
@@ -295,3 +295,38 @@ def test_campaign_places_roles_and_resumes_with_more_generators(multinode_cluste
     assert [w["node_id"] for w in roles["learner"]] == [training]
     metrics = run.metrics()
     assert [(m["round"], m["generators"], m["learner_workers"]) for m in metrics] == [(0, 1, 1), (1, 1, 1), (2, 2, 1)]
+
+
+@pytest.mark.ray
+def test_ray_job_submit_of_a_tiny_llm_campaign_to_the_three_nodes(multinode_cluster, tmp_path, tiny_model_dir,
+                                                                   tiny_classifier_dir):
+    """`ray job submit` to the head's job server, as to a KubeRay head: the job's driver runs a tiny-LLM round with
+    its generator on the inference node and its learner worker on the training node. A reward model judges: the
+    tiny model's 12 random tokens are all too short for the concise_answer rule to prefer one."""
+    import json
+
+    import tests.test_campaign as campaign_tests
+
+    assert multinode_cluster.dashboard_url.startswith("http://127.0.0.1:")
+    env = {**os.environ, **AUTH_ENV}
+    env.pop("RAY_ADDRESS", None)
+    wait_for_job_server(multinode_cluster.dashboard_url, env,
+                        head_alive=multinode_cluster.cluster.head_node.remaining_processes_alive)
+    run_dir = tmp_path / "run"
+    config = campaign_tests.llm_config(
+        tmp_path, tiny_model_dir, {"name": "online_dpo"},
+        generators={"count": 1, "engine": "hf", "sampling": {"max_new_tokens": 12},
+                    "resources": {"num_cpus": 1, "custom": {"inference": 1}}},
+        judges={"count": 1, "oracle": {"kind": "reward_model", "model": tiny_classifier_dir},
+                "resources": {"num_cpus": 0.25}},
+        learner={"workers": 1, "precision": "fp32", "micro_batch_size": 4, "threads_per_worker": 1,
+                 "optimizer": {"lr": 1e-4}, "resources": {"num_cpus": 1, "custom": {"training": 1}}},
+        schedule={"rounds": 1, "prompts_per_round": 3, "samples_per_prompt": 3},
+        evaluation={"every_rounds": 0})
+
+    done = submit_campaign(multinode_cluster.dashboard_url, config, env)
+    assert_job_succeeded(done)
+    assert json.loads((run_dir / "state.json").read_text())["rounds_completed"] == 1
+    roles = json.loads((run_dir / "roles.json").read_text())
+    assert [g["node_id"] for g in roles["generators"]] == [multinode_cluster.node_ids["inference"]]
+    assert [w["node_id"] for w in roles["learner"]] == [multinode_cluster.node_ids["training"]]

@@ -153,21 +153,6 @@ def test_build_oracle_with_run_dir_never_pays_twice(tmp_path):
 
 # ----------------------------------------------------------------------------- reward and pairwise models
 
-@pytest.fixture(scope="module")
-def tiny_classifier_dir(tiny_model_dir, tmp_path_factory) -> str:
-    """A tiny random LlamaForSequenceClassification (num_labels=1) sharing the tiny model's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_labels = 1
-    torch.manual_seed(1)
-    target = tmp_path_factory.mktemp("tiny-classifier")
-    LlamaForSequenceClassification(config).save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return str(target)
-
-
 TRIPLES = [("What is 2+2?", "4", "five"), ("Say hello.", "hello world", "the quick brown fox jumps"),
            ("Name a number.", "seven", "7 8 9 10 11 12"), ("Why?", "because", "")]
 
