@@ -19,10 +19,11 @@ the first update, ``eval/baseline.parquet``):
   (log π_ref scored by the generators before the first push, log π_θ by the generators each round: the same engine
   and numerics both times, so π_θ = π_ref gives 0 up to float noise). It is reported only when the baseline was
   sampled from π_ref itself (temperature 1, top-p 1); with tempered sampling the same average is not a KL.
-  The forward KL(π_θ ‖ π_ref), the one the algorithms regularise, needs log π_ref of π_θ's fresh samples, i.e. a
-  second copy of the base model; the campaign does not keep one for evaluation. Its estimate is the learner's
-  ``kl_to_ref`` (mean log π_θ − log π_ref of the training pairs' first responses during the round's updates, on
-  algorithms with a reference model; biased where the pairs are selected, as iterative DPO's best-vs-worst are).
+- ``eval_kl_policy_to_ref``: the forward KL(π_θ ‖ π_ref), the one the algorithms regularise, ≈ mean over the
+  current policy's held-out answers y ~ π_θ of log π_θ(y) − log π_ref(y), both scored by the learner (it holds π_θ
+  and π_ref; one engine and numerics for both). Also only with plain sampling. The learner's ``kl_to_ref`` is the
+  same mean over the training pairs' first responses during the round's updates (biased where the pairs are
+  selected, as iterative DPO's best-vs-worst are).
 - ``eval_mean_response_tokens``, ``eval_initial_mean_response_tokens``, ``eval_comparisons``,
   ``eval_judge_dropped``, ``eval_s``.
 
@@ -274,8 +275,14 @@ def evaluate_round(campaign, roles, push) -> dict:
     if scored and info.get("plain_sampling"):
         out["eval_kl_ref_to_policy"] = float(np.mean([b["ref_logprob"] - lp
                                                       for b, lp in zip(scored, policy_logprobs)]))
+    if info.get("plain_sampling") and answers:
+        # KL(π_θ ‖ π_ref), the divergence the algorithms regularise: π_θ's own fresh answers, both log-probs from the
+        # learner (which holds π_θ and π_ref with the same numerics; the generators' engine may differ from it).
+        both = roles.learner.sequence_logprobs([s["prompt_ids"] for s in answers], [s["response_ids"] for s in answers])
+        out["eval_kl_policy_to_ref"] = float(np.mean(np.subtract(both["policy"], both["reference"])))
     policy_of = {b["prompt_id"]: lp for b, lp in zip(scored, policy_logprobs)}
-    rows = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"], "response": s["response"],
+    rows = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"], "prompt_ids": s["prompt_ids"],
+             "response": s["response"], "response_ids": s["response_ids"],
              "response_tokens": len(s["response_ids"]), "initial_response": b["response"],
              "initial_response_tokens": len(b["response_ids"]), "prob": v["prob"], "reason": v["reason"],
              "initial_ref_logprob": b.get("ref_logprob"), "initial_policy_logprob": policy_of.get(b["prompt_id"])}

@@ -14,7 +14,8 @@ TB_SUBDIR = "tb"
 
 # The section of each metric, by prefix or name; the first match wins, anything else goes to "other".
 GROUPS = (
-    ("time", ("generate_s", "judge_s", "logprob_s", "train_s", "push_s", "encode_s", "eval_s")),
+    ("time", ("generate_s", "judge_s", "logprob_s", "train_s", "push_s", "encode_s", "eval_s", "prepare_s",
+              "train_phase_s", "overlap_wait_s", "round_s")),
     ("eval", ("win_rate", "lc_win_rate", "lc_length_coef", "eval_", "exploitability", "regularized_exploitability",
               "ranking_accuracy")),
     ("train", ("loss", "kl_to_ref", "rows", "steps", "train_", "mean_response_tokens", "tau")),

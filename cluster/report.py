@@ -88,6 +88,7 @@ def plot_specs(metrics: list[dict]) -> list[Plot]:
         Plot("loss", "Training loss", "loss (mean over steps)", [series(m, "loss", "loss")]),
         Plot("kl", "KL divergence to π_ref", "nats", [
             series(m, "kl_to_ref", "KL(π_θ ‖ π_ref), learner, training pairs"),
+            series(m, "eval_kl_policy_to_ref", "KL(π_θ ‖ π_ref), held-out answers"),
             series(m, "eval_kl_ref_to_policy", "KL(π_ref ‖ π_θ), held-out initial answers")]),
         Plot("length", "Response length", "tokens", [
             series(m, "mean_response_tokens", "round samples"),
@@ -289,7 +290,8 @@ def metrics_line(m: dict) -> str:
                      f"[{_fmt(m.get('win_rate_vs_initial_low'), '.2f')}, "
                      f"{_fmt(m.get('win_rate_vs_initial_high'), '.2f')}]")
     for key, label, spec in (("lc_win_rate_vs_initial", "LC", ".3f"), ("win_rate_vs_ref", "win vs π_ref", ".3f"),
-                             ("kl_to_ref", "KL", ".4f"), ("eval_kl_ref_to_policy", "KL(ref‖θ)", ".4f"),
+                             ("kl_to_ref", "KL", ".4f"), ("eval_kl_policy_to_ref", "KL(θ‖ref)", ".4f"),
+                             ("eval_kl_ref_to_policy", "KL(ref‖θ)", ".4f"),
                              ("ranking_accuracy", "rank acc", ".3f"), ("mean_response_tokens", "len", ".1f"),
                              ("regularized_exploitability", "reg. expl", ".2e"),
                              ("judge_comparisons", "judged", "d"), ("judge_dropped", "dropped", "d")):

@@ -99,7 +99,7 @@ def test_eval_kl_is_the_mean_log_ratio_of_the_checkpoint_and_the_base_model(llm_
     baseline = read_table(llm_run.eval_dir / "baseline.parquet")
     prompts, responses = [b["prompt_ids"] for b in baseline], [b["response_ids"] for b in baseline]
 
-    def logprobs(folder):
+    def logprobs(folder, prompts=prompts, responses=responses):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             return causal_lm_sequence_logprobs(model, prompts, responses, model.config.pad_token_id).double().numpy()
@@ -112,6 +112,11 @@ def test_eval_kl_is_the_mean_log_ratio_of_the_checkpoint_and_the_base_model(llm_
         assert np.allclose([r["initial_policy_logprob"] for r in rows], policy, atol=2e-3)
         assert m["eval_kl_ref_to_policy"] == pytest.approx(float(np.mean(ref - policy)), abs=2e-3)
         assert abs(m["eval_kl_ref_to_policy"]) > 1e-4  # lr 1e-3 moved the policy
+        # The forward KL on the policy's own held-out answers, recomputed from the checkpoint and the base model.
+        prompts_t, answers_t = [r["prompt_ids"] for r in rows], [r["response_ids"] for r in rows]
+        own = (logprobs(llm_run.checkpoint_dir(m["round"]), prompts_t, answers_t)
+               - logprobs(tiny_model_dir, prompts_t, answers_t))
+        assert m["eval_kl_policy_to_ref"] == pytest.approx(float(np.mean(own)), abs=2e-3)
 
 
 def test_tensorboard_events_are_the_round_metrics(llm_run):

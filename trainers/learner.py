@@ -25,6 +25,7 @@ from typing import Any
 
 STOP = "stop"
 WEIGHTS = "weights"
+SCORE = "score"
 BROADCAST = "broadcast"
 CHECKPOINT_DONE = "COMPLETE"
 
@@ -323,6 +324,14 @@ def learner_loop(loop_config: dict) -> None:
                 if rank == 0:
                     transport = _open_broadcast(task, mailbox, seq - 1)
                 continue
+            if task["kind"] == SCORE:  # every rank runs the forward (ZeRO-3 gathers across them); rank 0 answers
+                with torch.no_grad():
+                    engine.eval()
+                    scored = {"policy": scorer(engine, task["prompt_ids"], task["response_ids"]).double().tolist(),
+                              "reference": scorer(reference, task["prompt_ids"], task["response_ids"]).double().tolist()}
+                if rank == 0:
+                    ray.get(mailbox.post_result.remote(seq - 1, scored))
+                continue
             if task["kind"] == WEIGHTS:
                 state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
                 if rank == 0:
@@ -530,6 +539,12 @@ class Learner:
         answer = self._wait(self._post({"kind": BROADCAST, "world_size": generators + 1, "backend": backend,
                                         "timeout_s": timeout_s}), "opening the weight broadcast")
         return answer["host"], answer["port"]
+
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict[str, list]:
+        """log π_θ (the learner's current policy) and log π_ref of fixed sequences, both computed by the learner with
+        the same numerics: ``{"policy": [...], "reference": [...]}``."""
+        return self._wait(self._post({"kind": SCORE, "prompt_ids": prompt_ids, "response_ids": response_ids}),
+                          "scoring sequences")
 
     def current_weights(self, version: int):
         """A push of the learner's current weights (those it resumed from), labelled ``version``."""
