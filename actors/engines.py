@@ -79,8 +79,8 @@ class Engine(ABC):
     def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]: ...
 
     @abstractmethod
-    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
-        """Replace the policy's weights in place: safetensors bytes (``trainers.weights`` format) or a state dict."""
+    def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
+        """Replace the policy's weights in place from a state dict (tied names as aliases)."""
 
 
 # -------------------------------------------------------------------------------------------- LLM engines
@@ -214,10 +214,8 @@ class HFEngine(_ChatEngine):
         from trainers.logprobs import causal_lm_sequence_logprobs
         return causal_lm_sequence_logprobs(self.model, prompt_ids, response_ids, self.pad_id).tolist()
 
-    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
-        from trainers.weights import decode_state_dict
-        state = decode_state_dict(weights) if isinstance(weights, (bytes, bytearray)) else weights
-        self.model.load_state_dict(state, strict=True)  # both transports hand tied names back as aliases
+    def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
+        self.model.load_state_dict(weights, strict=True)  # both transports hand tied names back as aliases
 
 
 def _eos_ids(generation_config, tokenizer) -> list[int]:
@@ -229,14 +227,13 @@ def _eos_ids(generation_config, tokenizer) -> list[int]:
 class VLLMWorkerExtension:
     """Methods added to vLLM's worker (``LLM(worker_extension_cls=...)``), called through ``collective_rpc``.
 
-    Weights arrive as safetensors bytes (any executor: bytes pickle) or, in-process (the ``uni`` executor), as a
-    state dict; both go through vLLM's in-place ``reload_weights`` so the model's post-load processing reruns."""
+    Weights arrive in-process (the ``uni`` executor) as a state dict and go through vLLM's in-place
+    ``reload_weights``, so the model's post-load processing reruns."""
 
-    def nashray_load(self, weights, keep: bool) -> int:
-        from trainers.weights import decode_state_dict
-        state = decode_state_dict(weights, restore_ties=False) if isinstance(weights, (bytes, bytearray)) else weights
+    def nashray_load(self, state: "dict[str, torch.Tensor]", keep: bool) -> int:
         self._nashray_reload(iter(state.items()))
-        self.nashray_policy = {k: v.detach().to("cpu") for k, v in state.items()} if keep else None
+        # A copy: pushed tensors may be views of the object store, which would stay pinned until the next push.
+        self.nashray_policy = {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if keep else None
         return len(state)
 
     def nashray_load_reference(self) -> None:
@@ -249,15 +246,19 @@ class VLLMWorkerExtension:
         torch.manual_seed(seed)
 
     def _nashray_reload(self, weights) -> None:
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
+                                                                         VocabParallelEmbedding)
         self.reload_weights(weights_iterator=weights)
         # vLLM-CPU computes a packed GEMM copy of the embedding/LM-head weight after loading; a reload redoes it for
         # the layers it loaded, not for an LM head tied to the embeddings (it loads nothing), whose copy would keep
         # the old weights. Redoing it is idempotent (the weight itself is kept) and a no-op on GPUs.
-        for module in self.model_runner.get_model().modules():
-            method = getattr(module, "quant_method", None)
-            if isinstance(method, UnquantizedEmbeddingMethod):
-                method.process_weights_after_loading(module)
+        modules = list(self.model_runner.get_model().modules())
+        embeddings = {m.weight.data_ptr() for m in modules
+                      if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+        for module in modules:
+            if (isinstance(module, ParallelLMHead) and module.weight.data_ptr() in embeddings
+                    and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod)):
+                module.quant_method.process_weights_after_loading(module)
 
 
 class VLLMEngine(_ChatEngine):
@@ -326,7 +327,7 @@ class VLLMEngine(_ChatEngine):
             totals.append(sum(step[tok].logprob for step, tok in zip(steps, r)))
         return totals
 
-    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
+    def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
         self._reload("nashray_load", weights, self.keeps_reference)
         self._has_policy_push = True
 
@@ -391,10 +392,8 @@ class TabularEngine(Engine):
     def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
         return self.policy.sequence_logprobs(prompt_ids, response_ids).tolist()
 
-    def load_weights(self, weights: "bytes | dict[str, torch.Tensor]") -> None:
-        from trainers.weights import decode_state_dict
-        state = decode_state_dict(weights) if isinstance(weights, (bytes, bytearray)) else weights
-        self.policy.load_state_dict(state, strict=True)
+    def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
+        self.policy.load_state_dict(weights, strict=True)
 
 
 ENGINES = {"vllm": VLLMEngine, "hf": HFEngine, "tabular": TabularEngine}

@@ -81,9 +81,9 @@ class GeneratorActor:
         return records
 
     def apply_weights(self, push, version: int) -> int:
-        """Load the weights of a :class:`trainers.weights.WeightPush` (safetensors bytes, an ObjectRef of them, or a
-        broadcast manifest) into the running engine; returns the new version."""
-        from trainers.weights import BroadcastManifest, WeightPush, payload_bytes
+        """Load the weights of a :class:`trainers.weights.WeightPush` (safetensors bytes, an ObjectRef of a tensor
+        payload, or a broadcast manifest) into the running engine; returns the new version."""
+        from trainers.weights import BroadcastManifest, WeightPush, push_state_dict
         if not isinstance(push, WeightPush):
             raise TypeError(f"apply_weights takes a trainers.weights.WeightPush, got {type(push).__name__}")
         if push.version != version:
@@ -97,7 +97,7 @@ class GeneratorActor:
                                    "(call join_weight_broadcast first)")
             weights = self._transport.receive(push)
         else:
-            weights = payload_bytes(push)
+            weights = push_state_dict(push)
         self.engine.load_weights(weights)
         self._version = version
         self._pushes += 1

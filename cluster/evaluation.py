@@ -295,9 +295,9 @@ def evaluate_round(campaign, roles, push) -> dict:
 
 def _evaluate_tabular(campaign, push) -> dict:
     from oracles import games
-    from trainers.weights import decode_state_dict, payload_bytes
+    from trainers.weights import push_state_dict
     game = games.load_game(campaign.cfg.data.game)
-    logits = decode_state_dict(payload_bytes(push))["logits"].double().numpy()
+    logits = push_state_dict(push)["logits"].double().numpy()
     pi = np.exp(logits - logits.max(-1, keepdims=True))
     pi /= pi.sum(-1, keepdims=True)
     tau = getattr(campaign.cfg.algorithm, "tau", 0.1)

@@ -32,7 +32,7 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
     from trainers.learner import CHECKPOINT_DONE, Learner
     from trainers.logprobs import causal_lm_sequence_logprobs
     from trainers.models import load_tokenizer
-    from trainers.weights import decode_state_dict, payload_bytes
+    from trainers.weights import push_state_dict
 
     cfg = parse_config({
         "model": {"path": tiny_model_dir, "dtype": "float32"},
@@ -58,7 +58,7 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
         for t in range(2):  # the same DeepSpeed engine serves both rounds
             ds = ray.data.from_items(rows)
             results.append(learner.train_round(t, ds.split(2, equal=True), tmp_path / f"ckpt-{t}", t + 1))
-        pushed = decode_state_dict(payload_bytes(results[1]["weights"]))  # its owner, the mailbox, ends at shutdown
+        pushed = push_state_dict(results[1]["weights"])  # its owner, a learner worker, ends at shutdown
     finally:
         learner.shutdown()
 

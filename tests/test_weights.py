@@ -111,6 +111,24 @@ def generators(ray_cluster, tiny_model_dir):
 
 
 @pytest.mark.ray
+def test_tensor_payload_comes_back_from_the_object_store_as_views_bit_for_bit(ray_cluster):
+    """bf16, int and tied tensors survive put/get exactly; what ``ray.get`` returns are read-only views of the
+    shared-memory object, not copies."""
+    from trainers.weights import TensorPayload
+    embed = torch.randn(300, 64, dtype=torch.bfloat16)
+    state = {"embed.weight": embed, "head.weight": embed, "norm.weight": torch.randn(64),
+             "positions": torch.arange(10), "scalar": torch.tensor(3.5)}
+    got = ray_cluster.get(ray_cluster.put(TensorPayload.from_state_dict(state)))
+    assert got.tied == {"head.weight": "embed.weight"}
+    assert not got.arrays["embed.weight"].flags.writeable  # a view of the object store
+    restored = got.state_dict()
+    assert set(restored) == set(state)
+    for name, tensor in state.items():
+        assert restored[name].dtype == tensor.dtype and torch.equal(restored[name], tensor), name
+    assert restored["head.weight"] is restored["embed.weight"]
+
+
+@pytest.mark.ray
 def test_object_store_push_is_put_once_and_applied_by_two_generators(ray_cluster, generators, tiny_model_dir,
                                                                     monkeypatch):
     ray = ray_cluster
@@ -120,10 +138,13 @@ def test_object_store_push_is_put_once_and_applied_by_two_generators(ray_cluster
     model = _pushed_model(tiny_model_dir, seed=1)
     puts = []
     real_put = ray.put
-    monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(len(value)) or real_put(value, **kw))
+    monkeypatch.setattr(ray, "put", lambda value, **kw: puts.append(value) or real_put(value, **kw))
     push = ObjectStoreTransport().publish(model.state_dict(), version=version)
     monkeypatch.undo()
-    assert len(puts) == 1 and puts[0] == push.nbytes
+    assert len(puts) == 1 and puts[0].nbytes == push.nbytes
+    # The put payload's arrays share memory with the state dict: publishing copies nothing before the put.
+    state = model.state_dict()
+    assert all(np.shares_memory(puts[0].arrays[name], state[name].numpy()) for name in puts[0].arrays)
     assert isinstance(push.payload, ray.ObjectRef)
     assert push.n_params == sum(p.numel() for p in model.parameters()) and push.dtype == "float32"
 

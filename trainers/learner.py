@@ -398,9 +398,11 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
     # previous one trained (asynchronous rounds): then the generators' recorded log-probs of their samples stand in,
     # or, with the "learner" anchor, the learner's newest policy takes its place.
     learner_version = task["version"] - 1
-    generated_by_older = shard_facts[1].item() < learner_version and anchor == "generator"
+    pi_t_from_generators = (shard_facts[1].item() < learner_version and anchor == "generator"
+                            and algorithm.needs_pi_t)
     pi_t_keys = tuple(k for k in keys if k != "x") if algorithm.needs_pi_t else ()
-    # Ranking accuracy (π_t vs π_ref) costs one more no-grad forward where the loss needs no π_t.
+    # Ranking accuracy (π_t vs π_ref; the learner's π_t where the loss needs none) costs one more no-grad forward
+    # where the loss needs no π_t.
     ranked = ranking and algorithm.needs_ref and "b" in keys
     if ranked and not pi_t_keys:
         pi_t_keys = ("a", "b")
@@ -412,7 +414,7 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
             idx = np.arange(start, min(start + mbs, len(data)))
             lp = {}
             if pi_t_keys:
-                lp.update(data.policy_logprobs(idx, pi_t_keys) if generated_by_older
+                lp.update(data.policy_logprobs(idx, pi_t_keys) if pi_t_from_generators
                           else _score(scorer, engine, data, idx, pi_t_keys, "t"))
             if algorithm.needs_ref:
                 lp.update(_score(scorer, reference, data, idx, keys, "ref"))
@@ -452,7 +454,7 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
     return {
         "round": task["round"],
         "ranking_accuracy": float(stats[6] / stats[7]) if stats[7] else None,
-        "pi_t_from_generators": bool(generated_by_older and pi_t_keys),
+        "pi_t_from_generators": bool(pi_t_from_generators),
         "rows": int(stats[5]),
         "steps": steps_per_epoch * learner_cfg["epochs_per_round"],
         "loss": float(stats[0] / max(stats[1], 1)),

@@ -1,15 +1,17 @@
 """Pushing the learner's weights to the generators: one format, one interface, two transports.
 
-Format: the full HF-named state dict as safetensors bytes, CPU and contiguous. Tensors that are the same tensor
-under two names (SmolLM2's ``lm_head.weight`` is ``model.embed_tokens.weight``) are stored once — safetensors refuses
-shared storage — and the dropped names are listed in the file's metadata, so :func:`decode_state_dict` gives them
-back as aliases and a strict ``load_state_dict`` sees every key.
+Format: the full HF-named state dict, CPU and contiguous. Tensors that are the same tensor under two names
+(SmolLM2's ``lm_head.weight`` is ``model.embed_tokens.weight``) are stored once and the dropped names listed, so a
+receiver gets them back as aliases and a strict ``load_state_dict`` sees every key. Two containers: a
+:class:`TensorPayload` (each tensor's raw bytes as a numpy array, what the object store keeps without copying) for
+pushes, and safetensors bytes (the dropped names in the file's metadata) for inline payloads and files.
 
 Interface: a :class:`WeightTransport` publishes a state dict as a :class:`WeightPush` on the learner (rank 0) and
 turns a push back into weights on each generator.
 
-- :class:`ObjectStoreTransport` (CPU clusters, the default): the learner ``ray.put``\\ s the bytes once; every
-  generator ``ray.get``\\ s the same ObjectRef (one copy per node in the object store).
+- :class:`ObjectStoreTransport` (CPU clusters, the default): the learner ``ray.put``\\ s a :class:`TensorPayload`
+  once — the only copy, no encoding — and every generator ``ray.get``\\ s the same ObjectRef, which hands back
+  read-only views of the shared-memory object (no copy, no decoding) that the engine's reload copies from.
 - :class:`NcclBroadcastTransport` (GPU clusters): the learner and the generators form their own process group (not
   torch's default group, which DeepSpeed and vLLM already own) and the learner broadcasts the tensors in buckets;
   the push then carries only a :class:`BroadcastManifest`.
@@ -66,11 +68,11 @@ def find_tied(state_dict: "dict[str, torch.Tensor]") -> dict[str, str]:
     return tied
 
 
-def encode_state_dict(state_dict: "dict[str, torch.Tensor]", dtype: "str | torch.dtype | None" = None) -> bytes:
-    """Safetensors bytes of ``state_dict`` on CPU, contiguous, tied tensors stored once, floating-point tensors cast
-    to ``dtype`` when given (integer buffers keep theirs)."""
+def _stored_tensors(state_dict: "dict[str, torch.Tensor]", dtype: "str | torch.dtype | None"
+                    ) -> "tuple[dict[str, torch.Tensor], dict[str, str]]":
+    """The tensors to store — CPU, contiguous, one per storage, floating point cast to ``dtype`` when given (integer
+    buffers keep theirs) — and the tied names left out, ``{dropped: kept}``."""
     import torch
-    from safetensors.torch import save
 
     if not state_dict:
         raise ValueError("cannot encode an empty state dict")
@@ -95,6 +97,13 @@ def encode_state_dict(state_dict: "dict[str, torch.Tensor]", dtype: "str | torch
             storage = t.untyped_storage().data_ptr()
         seen_storages.add(storage)
         out[name] = t
+    return out, tied
+
+
+def encode_state_dict(state_dict: "dict[str, torch.Tensor]", dtype: "str | torch.dtype | None" = None) -> bytes:
+    """Safetensors bytes of ``state_dict`` (see :func:`_stored_tensors`), the tied names in the metadata."""
+    from safetensors.torch import save
+    out, tied = _stored_tensors(state_dict, dtype)
     return save(out, metadata={TIES_METADATA_KEY: json.dumps(tied)})
 
 
@@ -120,6 +129,45 @@ def decode_state_dict(payload: bytes, restore_ties: bool = True) -> "dict[str, t
     return tensors
 
 
+@dataclass(frozen=True)
+class TensorPayload:
+    """A state dict as each stored tensor's raw bytes (1-D uint8 numpy arrays: Ray's serialiser keeps numpy buffers
+    out of band, so ``ray.put`` copies them once into shared memory and ``ray.get`` returns views of it) with its
+    dtype and shape; tied names stored once, listed in ``tied`` as ``{dropped: kept}``."""
+    arrays: dict
+    specs: dict  # name -> (dtype name, shape)
+    tied: dict
+
+    @classmethod
+    def from_state_dict(cls, state_dict: "dict[str, torch.Tensor]", dtype: "str | torch.dtype | None" = None
+                        ) -> "TensorPayload":
+        import torch
+        out, tied = _stored_tensors(state_dict, dtype)
+        return cls({name: t.reshape(-1).view(torch.uint8).numpy() for name, t in out.items()},
+                   {name: (_dtype_name(t.dtype), tuple(t.shape)) for name, t in out.items()}, tied)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def state_dict(self, restore_ties: bool = True) -> "dict[str, torch.Tensor]":
+        """The tensors, sharing memory with the arrays (read-only when they came from the object store: the engines
+        copy out of them)."""
+        import warnings
+
+        import torch
+        tensors = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for name, array in self.arrays.items():
+                dtype, shape = self.specs[name]
+                tensors[name] = torch.from_numpy(array).view(getattr(torch, dtype)).reshape(shape)
+        if restore_ties:
+            for dropped, kept in self.tied.items():
+                tensors[dropped] = tensors[kept]
+        return tensors
+
+
 # ---------------------------------------------------------------------------------------------- the push
 
 @dataclass(frozen=True)
@@ -139,8 +187,8 @@ class BroadcastManifest:
 
 @dataclass(frozen=True)
 class WeightPush:
-    """One policy version on its way to the generators. ``payload``: safetensors bytes inline, an ObjectRef of
-    them (object-store transport), or a :class:`BroadcastManifest` (broadcast transport)."""
+    """One policy version on its way to the generators. ``payload``: safetensors bytes inline, an ObjectRef of a
+    :class:`TensorPayload` (object-store transport), or a :class:`BroadcastManifest` (broadcast transport)."""
     version: int
     payload: Union[bytes, "ray.ObjectRef", BroadcastManifest]  # noqa: F821
     n_params: int
@@ -157,48 +205,49 @@ def _summary(tensors: "dict[str, torch.Tensor]", tied: dict[str, str]) -> tuple[
 class WeightTransport(Protocol):
     """Learner side: ``publish`` makes the push of a state dict and ``deliver`` completes its delivery (a no-op for
     the object store; the collective broadcast itself for NCCL, which must run while every generator sits in
-    ``receive``). Generator side: ``receive`` turns a push into safetensors bytes or a state dict."""
+    ``receive``). Generator side: ``receive`` turns a push into a state dict (tied names as aliases)."""
 
     def publish(self, state_dict: "dict[str, torch.Tensor]", version: int) -> WeightPush: ...
 
     def deliver(self) -> None: ...
 
-    def receive(self, push: WeightPush) -> "bytes | dict[str, torch.Tensor]": ...
+    def receive(self, push: WeightPush) -> "dict[str, torch.Tensor]": ...
 
 
 class ObjectStoreTransport:
-    """Safetensors bytes put once into the Ray object store; every generator gets the same ref."""
+    """A :class:`TensorPayload` put once into the Ray object store; every generator gets the same ref."""
 
     def __init__(self, dtype: "str | torch.dtype | None" = None):
         self.dtype = dtype
 
     def publish(self, state_dict: "dict[str, torch.Tensor]", version: int) -> WeightPush:
         import ray
-        payload = encode_state_dict(state_dict, self.dtype)
-        tied = json.loads(read_metadata(payload)[TIES_METADATA_KEY])
-        n_params, _, dtype = _summary(state_dict, tied)
+        payload = TensorPayload.from_state_dict(state_dict, self.dtype)
+        n_params, _, dtype = _summary(state_dict, payload.tied)
         if self.dtype is not None:
             dtype = _dtype_name(_resolve_dtype(self.dtype))
-        return WeightPush(version=version, payload=ray.put(payload), n_params=n_params, nbytes=len(payload),
+        return WeightPush(version=version, payload=ray.put(payload), n_params=n_params, nbytes=payload.nbytes,
                           dtype=dtype)
 
     def deliver(self) -> None:
-        """Nothing left to do: the bytes are in the object store once ``publish`` returns."""
+        """Nothing left to do: the tensors are in the object store once ``publish`` returns."""
 
-    def receive(self, push: WeightPush) -> bytes:
-        return payload_bytes(push)
+    def receive(self, push: WeightPush) -> "dict[str, torch.Tensor]":
+        return push_state_dict(push)
 
 
-def payload_bytes(push: WeightPush) -> bytes:
-    """The safetensors bytes of an inline or object-store push."""
+def push_state_dict(push: WeightPush, restore_ties: bool = True) -> "dict[str, torch.Tensor]":
+    """The state dict of an inline (safetensors bytes) or object-store push."""
     import ray
     payload = push.payload
     if isinstance(payload, ray.ObjectRef):
         payload = ray.get(payload)
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise TypeError(f"weight push v{push.version} carries a {type(payload).__name__}, not safetensors bytes "
-                        f"or an ObjectRef of them")
-    return bytes(payload)
+    if isinstance(payload, TensorPayload):
+        return payload.state_dict(restore_ties)
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return decode_state_dict(payload, restore_ties)
+    raise TypeError(f"weight push v{push.version} carries a {type(payload).__name__}, not safetensors bytes or an "
+                    f"ObjectRef of a TensorPayload")
 
 
 class NcclBroadcastTransport:
