@@ -8,9 +8,9 @@ this one (clean peak-memory numbers), one after the other, never at the same tim
 
 **nashray**: ``cluster.driver.run_campaign`` on a config: one vLLM-CPU generator (bf16, ``--threads`` CPUs), one rule
 judge actor, one DeepSpeed learner worker (bf16, ``--threads`` threads, micro-batch = prompts per round), online
-DPO, evaluation off. Counted: the wall time of each round, from the start of its generate phase to its state.json
-(generate, judge, training records and their parquet dataset, π_ref log-probs, training, checkpoint, weight encode,
-push to the generator and its log-prob check). Not counted: starting Ray, the actors, the engine and the learner.
+DPO, evaluation and the ranking-accuracy pass off. Counted: the wall time of each round, from the start of its
+generate phase to its state.json (generate, judge, training records and their parquet dataset, π_ref log-probs,
+training, checkpoint, weight push to the generator and its log-prob check). Not counted: starting Ray, the actors, the engine and the learner.
 
 **TRL** (``trl.experimental.online_dpo.OnlineDPOTrainer``, in its fastest configuration that works here, see
 ``--trl-modes``): TRL 1.x takes reward functions, not judges; :class:`PairwiseOracleReward` adapts a pairwise
@@ -201,7 +201,8 @@ def nashray_config(folder: str, args: dict, run_dir: str) -> dict:
         "data": {"prompts": "builtin:demo", "eval_fraction": 0.0},
         "schedule": {"rounds": args["steps"], "prompts_per_round": args["prompts"], "samples_per_prompt": 2},
         "storage": {"run_dir": run_dir},
-        "evaluation": {"every_rounds": 0},
+        # no held-out evaluation and no ranking-accuracy forward: TRL's step pays for neither
+        "evaluation": {"every_rounds": 0, "ranking_accuracy": False},
     }
 
 

@@ -117,20 +117,22 @@ def test_judge_killed_mid_round_is_replaced_and_no_comparison_is_lost(ray_cluste
     assert len(pairs) == len(set(pairs)) == 8 * 6  # all pairs of 4, each judged once
 
 
-def test_hung_generator_fails_after_its_timeout_naming_the_role(ray_cluster, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("role", ["generators", "judges"])
+def test_hung_role_fails_after_its_timeout_naming_the_role(ray_cluster, tmp_path, tiny_model_dir, role):
+    """A generator's hang also stands for a hung weight push: the push is a call on every generator, under the same
+    timeout."""
     from cluster.actor_pool import RoleFailure
     run = tmp_path / "run"
-    campaign = Background(campaign_config(tmp_path, tiny_model_dir,
-                                          generators={"timeout_s": 15, "on_failure": "abort"}))
+    campaign = Background(campaign_config(tmp_path, tiny_model_dir, **{role: {"timeout_s": 15, "on_failure": "abort"}}))
     wait_for(lambda: rounds_completed(run) == 1, campaign=campaign)
-    pid = roles(run)["generators"][1]["pid"]
+    pid = roles(run)[role][1]["pid"]
     os.kill(pid, signal.SIGSTOP)  # a hang: the process is alive and silent
     try:
         campaign.join(300)
     finally:
         os.kill(pid, signal.SIGCONT)
     assert isinstance(campaign.error, RoleFailure)
-    assert "generators 1 did not answer" in str(campaign.error) and "within 15s" in str(campaign.error)
+    assert f"{role} 1 did not answer" in str(campaign.error) and "within 15s" in str(campaign.error)
     assert rounds_completed(run) == 1  # what was done is kept: resume continues at round 1
 
 
