@@ -13,7 +13,7 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).parent / "results"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ("push", "generation", "learner", "end_to_end_quiet", "end_to_end", "scaling")
+ORDER = ("demo", "push", "generation", "learner", "end_to_end", "async_rounds", "scaling")
 
 
 def _fmt(x) -> str:
