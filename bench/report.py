@@ -1,5 +1,5 @@
-"""The markdown table of every benchmark result: ``bench/results/README.md``, and the same table in
-``docs/benchmarks.md`` between its ``<!-- results:begin -->`` / ``<!-- results:end -->`` markers.
+"""The markdown table of every benchmark result: ``bench/results/README.md``, and the same table in the project
+README and ``docs/benchmarks.md`` between their ``<!-- results:begin -->`` / ``<!-- results:end -->`` markers.
 
     .venv/bin/python bench/report.py
 """
@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parent.parent
+TABLE_PAGES = (ROOT / "README.md", ROOT / "docs" / "benchmarks.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 ORDER = ("demo", "push", "generation", "learner", "end_to_end", "async_rounds", "scaling")
 
@@ -48,11 +49,11 @@ def table(results: list[dict]) -> str:
 def machine_line(results: list[dict]) -> str:
     if not results:
         return ""
-    m = results[0]["machine"]
+    m = max((r["machine"] for r in results), key=lambda machine: len(machine))  # the fullest description
     packages = ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items())
     return (f"Machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_total_gib']} GiB, {m['platform']}; "
-            f"{packages}. The machine is shared with other engineers' test runs: each row gives the 1-minute load "
-            f"average at the start and end of its benchmark (2.0 = both cores busy).")
+            f"{packages}. Each row gives the 1-minute load average at the start and end of its benchmark (2.0 = "
+            f"both cores busy).")
 
 
 def render(results: list[dict]) -> str:
@@ -68,12 +69,12 @@ def main() -> None:
               "number is measured, and what limits it, is in [docs/benchmarks.md](../../docs/benchmarks.md).\n\n"
               + block)
     (RESULTS_DIR / "README.md").write_text(readme)
-    if DOCS.exists():
-        text = DOCS.read_text()
+    for page in TABLE_PAGES:
+        text = page.read_text() if page.exists() else ""
         if BEGIN in text and END in text:
             head, rest = text.split(BEGIN, 1)
             _, tail = rest.split(END, 1)
-            DOCS.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+            page.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
     print(readme)
 
 
