@@ -13,6 +13,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# One Ray auth mode for every cluster and client of the session: Ray settles it once per process, so a test process
+# that first met a token-auth cluster (a token file left in ~/.ray) could not join a later one without it, and the
+# `ray job` CLI tests need a head that takes no token. Every test cluster listens on 127.0.0.1 only.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,6 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-# One auth mode for a test head and its clients: a token file left in ~/.ray by an earlier cluster would otherwise
-# make the head demand a token that the job CLI (auth mode unset) does not send.
-AUTH_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
 def free_port() -> int:

@@ -20,14 +20,15 @@ def rounds_of(run_dir) -> list[int]:
     return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("async_rounds,anchor,rounds", [(False, "generator", 16), (True, "learner", 16),
-                                                        (True, "generator", 28)],
+@pytest.mark.parametrize("async_rounds,anchor,rounds", [(False, "generator", 10), (True, "learner", 16),
+                                                        (True, "generator", 24)],
                          ids=["sync", "one-step-off-learner-anchor", "one-step-off-generator-anchor"])
 def test_tabular_rps_inpo_reaches_regularised_nash(ray_cluster, tmp_path, async_rounds, anchor, rounds):
     """Generator actors sample actions, judge actors draw Bernoulli(P) verdicts, the Ray Train learner trains INPO.
     One-step-off, round t+1 is sampled and judged by π_t while round t trains; anchored on the generating policy
     (its generators' log-probs), each step from π_t is learned twice (rounds t+1 and t+2 both start from π_t's
-    samples), so it needs more rounds; anchored on the learner's newest policy, it is a one-step-delayed INPO."""
+    samples), so it needs more rounds; anchored on the learner's newest policy, it is a one-step-delayed INPO.
+    Measured: < 1e-2 from round 5 synchronous, 14 learner-anchored, 17 generator-anchored."""
     from cluster.driver import run_campaign
     from oracles.games import load_game, regularized_exploitability
 
@@ -37,7 +38,7 @@ def test_tabular_rps_inpo_reaches_regularised_nash(ray_cluster, tmp_path, async_
         generators={"count": 2, "engine": "tabular", "resources": {"num_cpus": 0.5}},
         judges={"count": 2, "oracle": {"kind": "matrix", "sample": True}, "resources": {"num_cpus": 0.5},
                 "strategy": "round_robin", "budget_per_round": 10000},
-        learner={"workers": 1, "precision": "fp32", "zero_stage": 0, "micro_batch_size": 4096,
+        learner={"workers": 1, "precision": "fp32", "zero_stage": 0, "micro_batch_size": 10000,
                  "epochs_per_round": 30, "threads_per_worker": 1,
                  "optimizer": {"name": "adam", "lr": 0.05, "grad_clip": 100.0}},
         data={"game": "builtin:rps"},

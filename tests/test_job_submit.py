@@ -12,7 +12,7 @@ import tempfile
 import pytest
 import yaml
 
-from tests.ray_jobs import AUTH_ENV, RAY, assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
+from tests.ray_jobs import RAY, assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
 
 pytestmark = pytest.mark.ray
 
@@ -22,7 +22,7 @@ def head_node():
     """A real head node started with the `ray` CLI (blocking, in its own process group), dashboard on loopback."""
     temp = tempfile.mkdtemp(prefix="nashray-head-", dir="/tmp")
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": temp, **AUTH_ENV}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": temp}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=6",
@@ -35,7 +35,7 @@ def head_node():
     yield url, env
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=5)  # `ray start --block` rarely exits on SIGTERM alone: the group is killed next
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)

@@ -23,7 +23,7 @@ import pytest
 
 from cluster.config import Resources, parse_config
 from cluster.placement import NodeShape, actor_options, check_placeable, cluster_shapes, learner_scaling
-from tests.ray_jobs import AUTH_ENV, assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
+from tests.ray_jobs import assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
 
 NODE_RESOURCES = {"inference": {"inference": 2}, "training": {"training": 1}}
 OBJECT_STORE_BYTES = 80 * 2**20
@@ -45,7 +45,7 @@ def multinode_cluster():
 
     Ray writes a "current cluster" file under RAY_TMPDIR and serves its dashboard, dashboard agent and metrics on
     fixed default ports; all of them are made private here so that other clusters on the same machine neither find
-    this one nor collide with it. Token auth is off, as for the job CLI (tests/ray_jobs.py)."""
+    this one nor collide with it. Token auth is off for the whole session (tests/conftest.py)."""
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="nr-mn-", dir="/tmp")  # short: Ray's socket paths live under it
@@ -55,8 +55,6 @@ def multinode_cluster():
         env.setenv("RAY_TMPDIR", temp_dir)
         env.setenv("AUTOSCALER_METRIC_PORT", str(free_port()))
         env.setenv("DASHBOARD_METRIC_PORT", str(free_port()))
-        for name, value in AUTH_ENV.items():
-            env.setenv(name, value)
         try:
             common = dict(node_ip_address="127.0.0.1", object_store_memory=OBJECT_STORE_BYTES)
             cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
@@ -308,7 +306,7 @@ def test_ray_job_submit_of_a_tiny_llm_campaign_to_the_three_nodes(multinode_clus
     import tests.test_campaign as campaign_tests
 
     assert multinode_cluster.dashboard_url.startswith("http://127.0.0.1:")
-    env = {**os.environ, **AUTH_ENV}
+    env = dict(os.environ)  # RAY_AUTH_MODE=disabled for the session (tests/conftest.py)
     env.pop("RAY_ADDRESS", None)
     wait_for_job_server(multinode_cluster.dashboard_url, env,
                         head_alive=multinode_cluster.cluster.head_node.remaining_processes_alive)
