@@ -72,10 +72,9 @@ class GeneratorActor:
             scored = [i for i, r in enumerate(records) if r["response_ids"]]  # an empty response's log-prob is 0
             logprobs = self.engine.sequence_logprobs([records[i]["prompt_ids"] for i in scored],
                                                      [records[i]["response_ids"] for i in scored]) if scored else []
-            for r in records:
-                r["policy_logprob"] = 0.0
-            for i, lp in zip(scored, logprobs):
-                records[i]["policy_logprob"] = float(lp)
+            of = dict(zip(scored, logprobs))
+            for i, r in enumerate(records):
+                r["policy_logprob"] = float(of.get(i, 0.0))
         self._samples += len(records)
         self._busy_s += time.perf_counter() - start
         return records

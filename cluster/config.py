@@ -340,7 +340,7 @@ class ScheduleConfig(Strict):
     prompts_per_round: int = Field(8, ge=1)
     samples_per_prompt: int = Field(2, ge=2, description="K responses per prompt from π_t")
     async_rounds: bool = Field(False, description="generate and judge round t+1 with π_t while round t trains "
-                                                   "(one-step-off); the losses take π_t from the generators")
+                                                   "(one-step-off); π_t then comes from async_anchor")
     async_anchor: Literal["generator", "learner"] = Field(
         "generator", description="π_t of asynchronous rounds' losses: the policy that generated the samples (its "
                                 "generators' log-probs) or the learner's newest policy (its own forward)")

@@ -166,10 +166,10 @@ class Campaign:
                                                 cfg.data.shuffle_seed)
 
     # ---------------------------------------------------------------- one round
-    def prepare(self, roles: Roles, t: int, train_version: int) -> dict:
+    def prepare(self, roles: Roles, t: int, train_version: int) -> tuple[dict, object]:
         """Round t's data, up to its persisted training dataset: generate with the generators' current policy, judge,
         build records. ``train_version`` is the policy version that will train on it (the generators' own, or one
-        ahead with asynchronous rounds). Returns the round's metrics so far, with its ``dataset``."""
+        ahead with asynchronous rounds). Returns the round's metrics so far and its Ray Data dataset."""
         cfg, run, algo, progress = self.cfg, self.run, self.algorithm, self.progress
         round_dir = run.round_dir(t)
         rng = np.random.default_rng([cfg.seed, t])
@@ -229,20 +229,20 @@ class Campaign:
                                f"{metrics['judge_dropped']} dropped, {len(records)} records, "
                                f"{metrics['stale_records_dropped']} more than schedule.max_staleness="
                                f"{cfg.schedule.max_staleness} versions old); see {judgements_path}")
-        metrics["dataset"] = self._persist_dataset(fresh, round_dir / "train")
+        dataset = self._persist_dataset(fresh, round_dir / "train")
         metrics["prepare_s"] = timer() - prepare_start
         metrics["generator_restarts"] = roles.generators.restarts - restarts[0]
         metrics["judge_restarts"] = roles.judges.restarts - restarts[1]
-        return metrics
+        return metrics, dataset
 
-    def train_and_push(self, roles: Roles, t: int, prepared: dict, ahead=None) -> dict:
-        """Train round t on its prepared dataset; once ``ahead`` (the next round's preparation, running meanwhile
-        on the generators and judges) is done, push the new policy to every generator and evaluate it."""
+    def train_and_push(self, roles: Roles, t: int, prepared: tuple[dict, object], ahead=None) -> dict:
+        """Train round t on its prepared (metrics, dataset); once ``ahead`` (the next round's preparation, running
+        meanwhile on the generators and judges) is done, push the new policy to every generator and evaluate it."""
         cfg, progress, timer = self.cfg, self.progress, time.perf_counter
-        metrics = {k: v for k, v in prepared.items() if k != "dataset"}
+        metrics, dataset = dict(prepared[0]), prepared[1]
         version, start = metrics["version"], timer()
         with progress.phase("train", t) as ph:  # a round whose checkpoint is complete is not trained again
-            result = roles.learner.train_round(t, prepared["dataset"].split(cfg.learner.workers, equal=True),
+            result = roles.learner.train_round(t, dataset.split(cfg.learner.workers, equal=True),
                                                self.run.checkpoint_dir(t), version + 1)
             ph.done(f"loss {result['loss']:.4f}")
         metrics["train_phase_s"] = timer() - start

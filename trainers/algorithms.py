@@ -8,9 +8,9 @@ compared with each other; ``ref`` samples are XPO's exploration sequences, ``mix
 
 Records (one row of a round's training data): ``prompt_id, prompt_ids, a_ids, b_ids ([] for single-response
 records), x_ids ([] unless XPO), target, a_score, b_score, a_version, b_version (-1 without b), a_policy_logprob,
-b_policy_logprob`` (the generating policy's log-probs of a and b when the generator scored its samples, NaN else). ``target`` is
-P(a ≻ b) for pair records (hard: 0/1 with ties dropped, soft: the judged probability; best-vs-worst pairs: 1), SPPO's
-win rate P̂(a ≻ π_t), Nash-MD's P(a ≻ its mixture sample); ``a_score``/``b_score`` carry the per-response statistic
+b_policy_logprob`` (the generating policy's log-probs of a and b when the generator scored its samples, NaN else).
+``target`` is P(a ≻ b) for pair records (hard: 0/1 with ties dropped, soft: the judged probability; best-vs-worst
+pairs: 1), SPPO's win rate P̂(a ≻ π_t), Nash-MD's P(a ≻ its mixture sample); ``a_score``/``b_score`` carry the per-response statistic
 the pair was built from (leave-one-out win rates for SPPO and DNO, Bradley-Terry scores for iterative DPO, 0 else).
 Win rates and BT fits always use the judged probabilities; ``label`` applies to pair targets and Nash-MD's target.
 """

@@ -19,9 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from typing import Any
 
 STOP = "stop"
 WEIGHTS = "weights"
@@ -270,7 +270,6 @@ def newest_checkpoint(root: Path) -> Path | None:
 def learner_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker: build once, then serve rounds from the mailbox until told to stop."""
     import deepspeed
-    import numpy as np
     import ray
     import ray.train
     import torch
@@ -379,7 +378,6 @@ def _open_broadcast(task: dict, mailbox, seq: int):
 
 def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg,
                  ranking: bool, anchor: str) -> dict:
-    import numpy as np
     import torch
     import torch.distributed as dist
 
@@ -401,8 +399,8 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
     pi_t_from_generators = (shard_facts[1].item() < learner_version and anchor == "generator"
                             and algorithm.needs_pi_t)
     pi_t_keys = tuple(k for k in keys if k != "x") if algorithm.needs_pi_t else ()
-    # Ranking accuracy (π_t vs π_ref; the learner's π_t where the loss needs none) costs one more no-grad forward
-    # where the loss needs no π_t.
+    # Ranking accuracy compares π_t with π_ref; where the loss needs no π_t (the DPO family) it costs one more
+    # no-grad forward, by the learner's own policy.
     ranked = ranking and algorithm.needs_ref and "b" in keys
     if ranked and not pi_t_keys:
         pi_t_keys = ("a", "b")
