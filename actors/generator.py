@@ -7,6 +7,7 @@ weights inside the running engine and bumps :meth:`version`, which every sample 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -42,7 +43,9 @@ class GeneratorActor:
                  score: bool = False) -> list[dict]:
         """n sample records per prompt (``{"prompt_id", "prompt"}`` dicts), in prompt order, from ``source``:
         ``policy`` (π_t), ``ref`` (π_ref) or ``mixture`` (Nash-MD's π_t^{1−β}·π_ref^{β}). ``seed`` makes the draw
-        reproducible; None continues this generator's own stream (seeded by campaign seed and rank).
+        reproducible; None continues this generator's own stream (seeded by campaign seed and rank). A chat prompt
+        also has ``messages`` (the JSON of its ``{"role", "content"}`` list): those are encoded instead of ``prompt``,
+        and its records keep them.
 
         ``logprob`` is the sampling distribution's (after temperature and top-p). With ``score``, each record also
         gets ``policy_logprob``: log π(response | prompt) under the loaded weights at temperature 1 — what the losses
@@ -58,7 +61,9 @@ class GeneratorActor:
         if not prompts:
             return []
         start = time.perf_counter()
-        prompt_ids = [self.engine.encode_prompt(p["prompt_id"], p["prompt"]) for p in prompts]
+        # A chat prompt's messages (JSON, see cluster.prompts.Prompt) go to the chat template; its text to the records.
+        prompt_ids = [self.engine.encode_prompt(p["prompt_id"], json.loads(p["messages"]) if p.get("messages")
+                                                else p["prompt"]) for p in prompts]
         drawn = self.engine.sample(prompt_ids, n, source, seed)
         records = []
         for p, ids, samples in zip(prompts, prompt_ids, drawn):
@@ -66,7 +71,7 @@ class GeneratorActor:
                 records.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "prompt_ids": ids,
                                 "response": self.engine.decode_response(sample.ids), "response_ids": sample.ids,
                                 "logprob": sample.logprob, "version": self._version, "source": source,
-                                "sample_index": index})
+                                "sample_index": index, **({"messages": p["messages"]} if "messages" in p else {})})
                 self._tokens += len(sample.ids)
         if score:
             scored = [i for i, r in enumerate(records) if r["response_ids"]]  # an empty response's log-prob is 0

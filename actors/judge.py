@@ -80,7 +80,9 @@ class JudgeActor:
             for i, verdict in zip(pending, fresh):
                 verdicts[i] = verdict
             pending = [i for i in pending if verdicts[i].prob is None]
-        return [{"prob": v.prob, "reason": v.reason, "cached": p is not None} for v, p in zip(verdicts, cached)]
+        # A cached verdict keeps its probability only: panel votes are reported for fresh verdicts.
+        return [{"prob": v.prob, "reason": v.reason, "cached": p is not None,
+                 "votes": list(v.votes) if v.votes is not None else None} for v, p in zip(verdicts, cached)]
 
     def score(self, items: list[dict]) -> list[dict]:
         """One ``{score, reason}`` per ``{prompt, response}`` from an oracle that scores single responses (a reward

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import traceback
+from pathlib import Path
 
 import yaml
 
@@ -22,21 +24,74 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that name a mistake in what the user gave — a config field, a prompt file and row, a model, a
+    checkpoint file, a run directory: printed as their one message, without a traceback (``--verbose`` adds it)."""
+    from cluster.checkpoints import CheckpointError
+    from cluster.config import ConfigError
+    from cluster.export import ExportError
+    from cluster.prompts import PromptDataError
+    from cluster.run_dir import RunDirError
+    return ConfigError, PromptDataError, CheckpointError, RunDirError, ExportError
+
+
+def model_problem(ref: str) -> str | None:
+    """Why the model ``ref`` (a local HF folder, an HF hub id or ``smollm2-135m-instruct``) cannot be loaded on this
+    machine, or None. Unchecked: a hub id while downloads are allowed (whether it exists is the hub's to say)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from trainers.models import resolve_model_path
+    try:
+        resolved = resolve_model_path(ref)
+    except (FileNotFoundError, RuntimeError) as err:  # a folder without config.json; SmolLM2 without its package
+        return str(err)
+    if Path(resolved).is_dir():
+        return None
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return f"no model folder at {Path(ref).expanduser().absolute()}, and {ref!r} is not an HF hub id either"
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(ref, "config.json"), str):
+        return (f"{ref!r} is not a local folder, and as an HF hub id it is not in the local HF cache "
+                f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE=1 forbids downloading it")
+    return None
+
+
+def _oracle_models(field: str, oracle) -> list[tuple[str, str]]:
+    """(field, model) of every local or hub model an oracle config loads (HTTP judges name a served model)."""
+    if oracle.kind == "ensemble":
+        return [m for i, member in enumerate(oracle.members) for m in _oracle_models(f"{field}.members.{i}", member)]
+    return [(f"{field}.model", oracle.model)] if oracle.kind in ("llm_judge", "reward_model", "pairwise_model") else []
+
+
+def check_models(cfg) -> None:
+    """Raise ConfigError naming the field when a model the campaign loads — the policy, a model judge — is not
+    available here: before any actor starts, where transformers would fail inside one, its traceback about repo ids."""
+    from cluster.config import ConfigError
+    refs = [("model.path", cfg.model.path)] if cfg.generators.engine != "tabular" else []
+    refs += _oracle_models("judges.oracle", cfg.judges.oracle)
+    if cfg.evaluation.oracle is not None:
+        refs += _oracle_models("evaluation.oracle", cfg.evaluation.oracle)
+    for field, ref in refs:
+        problem = model_problem(ref)
+        if problem:
+            raise ConfigError(f"{field}: {problem}")
+
+
 def cmd_run(args) -> int:
-    from cluster.config import ConfigError, load_config
+    from cluster.config import load_config
     from cluster.driver import run_campaign
     from cluster.progress import Progress
     from cluster.run_dir import RunDir
     overrides = _overrides(args.set)
     if args.run_dir:
         overrides["storage.run_dir"] = args.run_dir
-    try:
-        rounds = (load_config(RunDir(args.resume).config_path, overrides) if args.resume
-                  else load_config(args.config, overrides)).schedule.rounds
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
-    run = run_campaign(args.config, resume=args.resume, overrides=overrides, progress=Progress(rounds))
+    cfg = (load_config(RunDir(args.resume).config_path, overrides) if args.resume
+           else load_config(args.config, overrides))
+    check_models(cfg)
+    run = run_campaign(args.config, resume=args.resume, overrides=overrides, progress=Progress(cfg.schedule.rounds))
     from cluster.report import build_report
     report = build_report(run.root)  # every campaign ends with its report
     print(f"campaign finished: {run.root}\nreport: {report.path}")
@@ -58,25 +113,22 @@ def cmd_submit(args) -> int:
 
 def cmd_status(args) -> int:
     from cluster.report import campaign_status, format_status
-    from cluster.run_dir import RunDirError
-    try:
-        status = campaign_status(args.run_dir)
-    except RunDirError as err:
-        print(err, file=sys.stderr)
-        return 2
+    status = campaign_status(args.run_dir)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
 def cmd_report(args) -> int:
     from cluster.report import build_report
-    from cluster.run_dir import RunDirError
-    try:
-        report = build_report(args.run_dir)
-    except RunDirError as err:
-        print(err, file=sys.stderr)
-        return 2
+    report = build_report(args.run_dir)
     print(f"report: {report.path} ({len(report.plots)} plots; overview: {report.images['overview']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cluster.export import export_model
+    out = export_model(args.run_dir, args.out, args.round)
+    print(f"exported: {out} (HF model folder with README.md model card)")
     return 0
 
 
@@ -100,19 +152,15 @@ def _eval_oracle(args, campaign) -> dict:
 
 def cmd_eval(args) -> int:
     """Two models head to head on held-out prompts, judged by an oracle: A's win rate over B."""
-    from cluster.config import ConfigError, load_config
+    from cluster.config import load_config
     from cluster.evaluation import head_to_head
-    from cluster.prompts import PromptDataError, load_prompts, split_prompts
-    try:
-        campaign = load_config(args.config) if args.config else None
-        if args.prompts or campaign is None:
-            prompts = load_prompts(args.prompts or "builtin:demo", args.prompt_field)
-        else:  # the campaign's held-out split: prompts its policy never trained on
-            prompts = split_prompts(load_prompts(campaign.data.prompts, campaign.data.prompt_field),
-                                    campaign.data.eval_fraction, campaign.data.shuffle_seed).eval
-    except (ConfigError, PromptDataError) as err:
-        print(err, file=sys.stderr)
-        return 2
+    from cluster.prompts import load_prompts, split_prompts
+    campaign = load_config(args.config) if args.config else None
+    if args.prompts or campaign is None:
+        prompts = load_prompts(args.prompts or "builtin:demo", args.prompt_field)
+    else:  # the campaign's held-out split: prompts its policy never trained on
+        prompts = split_prompts(load_prompts(campaign.data.prompts, campaign.data.prompt_field),
+                                campaign.data.eval_fraction, campaign.data.shuffle_seed).eval
     prompts = [p.as_dict() for p in prompts[:args.limit]]
     sampling = campaign.generators.sampling.model_dump() if campaign else {}
     for key in ("temperature", "top_p", "max_new_tokens"):
@@ -142,28 +190,37 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nashray", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="print the traceback of an input error too")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a campaign (no CONFIG: the embedded SmolLM2 demo)")
+    run = sub.add_parser("run", parents=[common], help="run a campaign (no CONFIG: the embedded SmolLM2 demo)")
     run.add_argument("config", nargs="?", help="campaign YAML")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the campaign in RUN_DIR at its next round")
     run.add_argument("--run-dir", help="storage.run_dir for a new campaign")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
     run.set_defaults(func=cmd_run)
-    submit = sub.add_parser("submit", help="ray job submit a campaign to a running Ray cluster")
+    submit = sub.add_parser("submit", parents=[common], help="ray job submit a campaign to a running Ray cluster")
     submit.add_argument("config")
     submit.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS or 127.0.0.1:8265)")
     submit.add_argument("--working-dir", default=".")
     submit.add_argument("--no-wait", action="store_true")
     submit.add_argument("--set", action="append", metavar="KEY=VALUE")
     submit.set_defaults(func=cmd_submit)
-    status = sub.add_parser("status", help="where a campaign stands (rounds, last metrics, each role's last output)")
+    status = sub.add_parser("status", parents=[common],
+                            help="where a campaign stands (rounds, last metrics, each role's last output)")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
-    report = sub.add_parser("report", help="write RUN_DIR/report/index.html and PNG plots")
+    report = sub.add_parser("report", parents=[common], help="write RUN_DIR/report/index.html and PNG plots")
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
-    evaluate = sub.add_parser("eval", help="two models head to head, judged: A's win rate over B")
+    export = sub.add_parser("export", parents=[common], help="a round checkpoint as a plain HF model folder with a "
+                                                             "model card (transformers, vLLM)")
+    export.add_argument("run_dir")
+    export.add_argument("out", help="the folder to write (must not exist, or be empty)")
+    export.add_argument("--round", type=int, help="the round whose checkpoint to export (default: the newest)")
+    export.set_defaults(func=cmd_export)
+    evaluate = sub.add_parser("eval", parents=[common], help="two models head to head, judged: A's win rate over B")
     evaluate.add_argument("model_a", help="a checkpoint folder, a run directory (its newest checkpoint), an HF "
                                           "folder or id, or smollm2-135m-instruct")
     evaluate.add_argument("model_b")
@@ -185,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and getattr(args, "resume", None):
         parser.error("give either CONFIG or --resume RUN_DIR, not both")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _input_errors() as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"nashray {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -108,11 +108,36 @@ class XPO(_Algorithm):
 
 
 class NashMD(_Algorithm):
-    """Nash-MD (Munos et al. 2023, arXiv 2312.00886), policy-gradient form: (P(y ≻ y') − ½) REINFORCE for y ~ π_θ
-    against y' from the geometric mixture π_θ^{1−β} π_ref^{β}, plus τ·KL(π_θ ‖ π_ref). β = 0.125 and τ = 0.1."""
+    """Nash-MD (Munos et al. 2023, arXiv 2312.00886), policy-gradient form: (P(y ≻ y') − ½) REINFORCE for y ~ π_t
+    against y' from the geometric mixture π_t^{1−β} π_ref^{β}, plus τ·KL(π_θ ‖ π_ref). β = 0.125 and τ = 0.1.
+
+    The REINFORCE surrogate is valid at the sampling policy only. With ``clip_ratio`` ε (default 0.2, PPO's value:
+    Schulman et al. 2017, arXiv 1707.06347) the loss weights each sample by its importance ratio π_θ(y)/π_t(y)
+    clipped to 1 ± ε and adds the proximal term (1 − β)τ/β·KL(π_θ ‖ π_t) (``trainers.losses.nash_md_clipped_loss``):
+    its first step is the REINFORCE step, and however many steps a round takes, they climb towards Nash-MD's
+    mirror-descent step π_{t+1} ∝ π_t^{1−β} π_ref^{β} exp(η P(y ≻ π_mix)), η = β/τ, not past it. ``clip_ratio: null``
+    is the plain surrogate, refused unless a round is one optimizer step.
+
+    Recommended: the default ``clip_ratio``, with either one full-batch step per round (``learner.epochs_per_round``
+    1, ``micro_batch_size`` × ``gradient_accumulation`` × ``workers`` ≥ the round's ``prompts_per_round`` ×
+    ``samples_per_prompt``; on tabular games SGD with lr 4) or several epochs that solve each round's step
+    (on tabular games Adam, lr 0.05, 30 epochs: the settings INPO uses). Both bring rock-paper-scissors through the
+    pipeline below 1e-2 regularised exploitability (``tests/test_campaign.py``). Sampling must be plain
+    (temperature 1, top-p 1): the policy gradient assumes y ~ π_t and the ratio divides by π_t(y)."""
     name: Literal["nash_md"]
     mixture: float = Field(0.125, ge=0, le=1)
     tau: float = Field(0.1, gt=0)
+    clip_ratio: float | None = Field(0.2, gt=0, lt=1, description="PPO's ε for the importance ratio to the sampling "
+                                                                  "policy; null: the on-policy surrogate, one "
+                                                                  "optimizer step per round")
+
+    @model_validator(mode="after")
+    def _proximal_weight_finite(self) -> "NashMD":
+        if self.clip_ratio is not None and self.mixture == 0:
+            raise ValueError("mixture 0 makes the proximal weight (1 − β)τ/β of clip_ratio's loss infinite (the "
+                             "mirror-descent step is η = β/τ = 0): set mixture > 0, or clip_ratio null for one "
+                             "on-policy step per round")
+        return self
 
 
 AlgorithmConfig = Annotated[
@@ -244,14 +269,31 @@ class HTTPOracleConfig(Strict):
         return name
 
 
+class SentimentOracleConfig(Strict):
+    """VADER's lexicon sentiment (oracles/sentiment.py): P(a ≻ b) = σ(sharpness·(s_a − s_b)) on compound scores."""
+    kind: Literal["sentiment"]
+    prefer: Literal["positive", "negative"] = "positive"
+    sharpness: float = Field(4.0, gt=0)
+
+
 class EnsembleOracleConfig(Strict):
+    """A panel of oracles voting on each comparison (oracles/ensemble.py); intransitive where its members disagree."""
     kind: Literal["ensemble"]
     members: list["OracleConfig"] = Field(..., min_length=1)
     combine: Literal["mean", "majority"] = "mean"
+    weights: list[float] | None = Field(None, description="one positive weight per member (omitted: equal)")
+
+    @model_validator(mode="after")
+    def _one_weight_per_member(self) -> "EnsembleOracleConfig":
+        if self.weights is not None and (len(self.weights) != len(self.members) or min(self.weights) <= 0):
+            raise ValueError(f"weights must be {len(self.members)} positive numbers, one per member; got "
+                             f"{self.weights}")
+        return self
 
 
 OracleConfig = Annotated[
-    Union[MatrixOracleConfig, RuleOracleConfig, ModelOracleConfig, HTTPOracleConfig, EnsembleOracleConfig],
+    Union[MatrixOracleConfig, RuleOracleConfig, ModelOracleConfig, HTTPOracleConfig, SentimentOracleConfig,
+          EnsembleOracleConfig],
     Field(discriminator="kind")]
 EnsembleOracleConfig.model_rebuild()
 
@@ -313,7 +355,8 @@ class LearnerConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     optimizer: OptimizerConfig = OptimizerConfig()
-    micro_batch_size: int = Field(8, ge=1, description="pairs (or responses) per worker per step")
+    micro_batch_size: int = Field(8, ge=1, description="records (pairs or responses) per worker per step, about: a "
+                                  "step holds whole prompts, packed until it has at least this many records")
     gradient_accumulation: int = Field(1, ge=1)
     epochs_per_round: int = Field(1, ge=1)
     resources: Resources = Resources()
@@ -326,12 +369,16 @@ class LearnerConfig(Strict):
 # --------------------------------------------------------------------------------------------------- data
 
 class DataConfig(Strict):
-    """Prompts: a JSONL/JSON/parquet file with a ``prompt`` field, ``builtin:NAME`` for an embedded set, or, for the
-    tabular engine, ``game`` (a JSON game file or ``builtin:rps``...). ``eval_fraction`` of the prompts is held out."""
+    """Prompts: a JSONL/JSON/parquet file with a ``prompt`` field, ``builtin:demo`` or ``builtin:instructions`` (the
+    embedded sets), ``hf:NAME_OR_PATH`` (a Hugging Face hub dataset or a folder saved with ``save_to_disk``), or, for
+    the tabular engine, ``game`` (a JSON game file or ``builtin:rps``...). A prompt is a string or a chat (a list of
+    ``{"role", "content"}`` messages). ``eval_fraction`` of the prompts, drawn with ``shuffle_seed``, is held out."""
     prompts: str = "builtin:demo"
     prompt_field: str = "prompt"
+    split: str = Field("train", min_length=1, description="the split of an hf: dataset")
     game: str | None = None
-    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    # 0.17 holds out 8 of builtin:demo's 48 prompts: as many as evaluation.prompts evaluates by default.
+    eval_fraction: float = Field(0.17, ge=0, lt=1)
     shuffle_seed: int = 0
 
 
@@ -362,6 +409,57 @@ class EvaluationConfig(Strict):
                                                      "pairs (one extra no-grad forward for the DPO family)")
 
 
+class WandbConfig(Strict):
+    """A W&B run per campaign; ``offline`` writes it under ``dir`` for ``wandb sync`` later (no account needed)."""
+    project: str = Field(..., min_length=1)
+    mode: Literal["offline", "online"] = "offline"
+    dir: str | None = Field(None, description="where W&B writes its wandb/ folder; omitted: the run directory")
+    entity: str | None = None
+
+
+class MLflowConfig(Strict):
+    """An MLflow run per campaign, its metrics stepped by round and the config as its parameters."""
+    tracking_uri: str | None = Field(None, description="file:// (or a path), http:// or https://; omitted: a file "
+                                                       "store under RUN_DIR/mlruns")
+    experiment: str = Field("nashray", min_length=1)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _store_or_server_without_credentials(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return uri
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.scheme not in ("", "file", "http", "https"):
+            raise ValueError("must be a file store (file:// or a path) or an MLflow server (http:// or https://)")
+        if parsed.username is not None or parsed.password is not None:
+            # config.yaml keeps the URI: a password in it would be written there too
+            raise ValueError("must not carry credentials (user:password@); MLflow reads them from "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+        return uri
+
+
+def _installed(package: str, section: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"{section} needs the {package} package: pip install 'nashray[tracking]'")
+
+
+class LoggingConfig(Strict):
+    """Where each round's metrics go besides metrics.jsonl (the record of truth): TensorBoard under RUN_DIR/tb/, a W&B
+    run, an MLflow run. A W&B or MLflow target that fails is reported once and dropped; the campaign goes on."""
+    tensorboard: bool = True
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
+
+    @model_validator(mode="after")
+    def _packages_installed(self) -> "LoggingConfig":
+        if self.wandb is not None:
+            _installed("wandb", "logging.wandb")
+        if self.mlflow is not None:
+            _installed("mlflow", "logging.mlflow")
+        return self
+
+
 class ClusterConfig(Strict):
     address: str | None = Field(None, description="a Ray address; omitted: start a local cluster on 127.0.0.1")
     object_store_gib: float = Field(1.0, gt=0)
@@ -389,6 +487,7 @@ class CampaignConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     storage: StorageConfig = StorageConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    logging: LoggingConfig = LoggingConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
@@ -411,14 +510,35 @@ class CampaignConfig(Strict):
         if self.schedule.async_rounds and self.schedule.max_staleness < 1:
             raise ValueError("schedule.async_rounds trains each round on samples of the policy one version behind: "
                              "it needs schedule.max_staleness ≥ 1")
-        if self.algorithm.name == "nash_md" and self.generators.engine == "vllm":
-            raise ValueError("algorithm 'nash_md' samples from the token-level mixture of π_θ and π_ref, which "
-                             "generators.engine 'vllm' cannot: use 'hf' or 'tabular'")
+        if self.algorithm.name == "nash_md":
+            self._nash_md_consistent()
         return self
+
+    def _nash_md_consistent(self) -> None:
+        """What Nash-MD's policy gradient assumes of the samples and of the learner's steps."""
+        algorithm, learner, schedule, sampling = self.algorithm, self.learner, self.schedule, self.generators.sampling
+        if sampling.temperature != 1 or sampling.top_p != 1:
+            raise ValueError("algorithm 'nash_md' needs samples from π_t itself (its policy gradient assumes "
+                             "y ~ π_t and its importance ratio divides by π_t(y)), not a tempered or truncated π_t: "
+                             "it needs generators.sampling.temperature 1 and top_p 1")
+        if algorithm.clip_ratio is None:
+            records = schedule.prompts_per_round * schedule.samples_per_prompt
+            per_step = learner.micro_batch_size * learner.gradient_accumulation * learner.workers
+            if learner.epochs_per_round > 1 or records > per_step:
+                raise ValueError(
+                    "algorithm 'nash_md' with algorithm.clip_ratio null trains the on-policy surrogate, valid for "
+                    "one optimizer step per round at the sampling policy; this config takes more (learner."
+                    f"epochs_per_round {learner.epochs_per_round}; {records} records per round against "
+                    f"learner.micro_batch_size × gradient_accumulation × workers = {per_step}): set "
+                    "algorithm.clip_ratio (e.g. 0.2) or make a round one optimizer step")
+        elif schedule.async_rounds and schedule.async_anchor == "learner":
+            raise ValueError("algorithm 'nash_md' with algorithm.clip_ratio weights each sample by its ratio to the "
+                             "policy that drew it, which in one-step-off rounds is the generators' (the learner "
+                             "has moved on): it needs schedule.async_anchor 'generator'")
 
 
 # Fields whose rejected value may be a secret a user put in the wrong place: never repeated in an error.
-_UNECHOED = ("api_key_env", "url")
+_UNECHOED = ("api_key_env", "url", "tracking_uri")
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -462,6 +582,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"campaign config {path} does not exist") from None
+    except yaml.MarkedYAMLError as err:  # its str() names "<unicode string>", not the file, over several lines
+        marked = [(err.problem, err.problem_mark), (err.context, err.context_mark)]
+        detail = "; ".join(f"{text} (line {m.line + 1}, column {m.column + 1})" for text, m in marked if text and m)
+        raise ConfigError(f"campaign config {path} is not valid YAML: {detail}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"campaign config {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -25,10 +25,11 @@ import numpy as np
 
 from cluster.actor_pool import ActorPool
 from cluster.config import CampaignConfig, dump_config, load_config
-from cluster.metrics import write_tensorboard
+from cluster.metrics import RoundLoggers
 from cluster.progress import Progress
-from cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_prompts
+from cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_campaign_prompts
 from cluster.run_dir import CampaignState, RunDir, atomic_write_json, read_table, write_table
+from trainers.pairs import cyclic_triads
 
 
 @dataclass
@@ -51,6 +52,13 @@ class Roles:
 
 
 # ------------------------------------------------------------------------------------------------ phases
+
+def panel_member_names(oracle) -> list[str]:
+    """``i:kind`` (rules: ``i:rule-name``) of each member of a panel (ensemble) oracle; [] for any other oracle."""
+    if oracle.kind != "ensemble":
+        return []
+    return [f"{i}:{getattr(m, 'rule', None) or m.kind}" for i, m in enumerate(oracle.members)]
+
 
 def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
     """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
@@ -107,7 +115,7 @@ def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[st
     rows, judged = [], {p: {} for p in by_prompt}
     for (prompt_id, i, j), verdict in zip(planned, verdicts):
         rows.append({"prompt_id": prompt_id, "i": i, "j": j, "prob": verdict["prob"], "reason": verdict["reason"],
-                     "cached": verdict["cached"]})
+                     "cached": verdict["cached"], "votes": verdict.get("votes")})
         if verdict["prob"] is not None:
             judged[prompt_id][(i, j)] = verdict["prob"]
     return rows, judged
@@ -119,6 +127,27 @@ def judged_from_rows(rows: list[dict], prompt_ids) -> dict[str, dict]:
         if row["prob"] is not None:
             judged[row["prompt_id"]][(row["i"], row["j"])] = row["prob"]
     return judged
+
+
+def judge_statistics(rows: list[dict], judged: dict[str, dict], by_prompt: dict[str, list[dict]],
+                     member_names: list[str]) -> dict:
+    """How far the round's judge is from Bradley-Terry — the share of cyclic triads among each prompt's policy
+    samples — and, for a panel, how often each member's vote agrees with the panel's verdict (fresh verdicts,
+    both decided)."""
+    cyclic = decided = 0
+    for prompt_id, samples in by_prompt.items():
+        policy = [n for n, s in enumerate(samples) if s["source"] == "policy"]
+        local = {pos: n for n, pos in enumerate(policy)}
+        c, d = cyclic_triads(len(policy), {(local[i], local[j]): p for (i, j), p in judged[prompt_id].items()
+                                           if i in local and j in local})
+        cyclic, decided = cyclic + c, decided + d
+    out = {"judge_cyclic_triads": cyclic / decided if decided else None, "judge_decided_triads": decided}
+    for m, name in enumerate(member_names):
+        agree = [(r["votes"][m] > 0.5) == (r["prob"] > 0.5) for r in rows
+                 if r.get("votes") is not None and r["prob"] is not None and r["prob"] != 0.5
+                 and r["votes"][m] is not None and r["votes"][m] != 0.5]
+        out[f"judge_agreement/{name}"] = float(np.mean(agree)) if agree else None
+    return out
 
 
 def group_by_prompt(samples: list[dict]) -> dict[str, list[dict]]:
@@ -157,13 +186,14 @@ class Campaign:
         self.run = run
         self.algorithm = get_algorithm(cfg.algorithm.name)
         self.progress = progress or Progress()
+        self.loggers = RoundLoggers(cfg, run.root)
         self.tabular = cfg.generators.engine == "tabular"
+        self.panel_members = panel_member_names(cfg.judges.oracle)
         source = f"game:{cfg.data.game}" if self.tabular else cfg.data.prompts
-        prompts = load_prompts(source, cfg.data.prompt_field)
+        prompts = load_prompts(source, cfg.data.prompt_field, cfg.data.split)
         if not self.tabular:
             check_prompts_fit_model(prompts, cfg, source)  # before any generation is paid for
-        self.split: PromptSplit = split_prompts(prompts, 0.0 if self.tabular else cfg.data.eval_fraction,
-                                                cfg.data.shuffle_seed)
+        self.split: PromptSplit = split_campaign_prompts(prompts, cfg, source)
 
     # ---------------------------------------------------------------- one round
     def prepare(self, roles: Roles, t: int, train_version: int) -> tuple[dict, object]:
@@ -219,7 +249,11 @@ class Campaign:
             metrics["judge_comparisons"] = len(rows)
             metrics["judge_cached"] = sum(bool(r["cached"]) for r in rows)
             metrics["judge_dropped"] = sum(r["prob"] is None for r in rows)
-            ph.done(f"{len(rows)} comparisons, {metrics['judge_dropped']} dropped")
+            metrics.update(judge_statistics(rows, judged, by_prompt, self.panel_members))
+            cycles = metrics["judge_cyclic_triads"]
+            ph.done(f"{len(rows)} comparisons, {metrics['judge_dropped']} dropped"
+                    + (f", {cycles:.0%} of {metrics['judge_decided_triads']} triads cyclic" if cycles is not None
+                       else ""))
 
         records = [r for p, s in by_prompt.items() for r in algo.build_records(s, judged[p], cfg.algorithm)]
         fresh = [r for r in records if train_version - min_version(r) <= cfg.schedule.max_staleness]
@@ -357,7 +391,7 @@ class Campaign:
                                       checkpoint=str(run.checkpoint_dir(t)))
                 atomic_write_json(run.round_dir(t) / "metrics.json", metrics)
                 run.record_metrics(metrics)
-                write_tensorboard(run.root, metrics)  # RUN_DIR/tb/, a view of metrics.jsonl
+                self.loggers.log_round(metrics)  # RUN_DIR/tb/, W&B, MLflow: views of metrics.jsonl
                 run.write_state(state)  # last: a crash before this line replays (from its files) only this round
                 run.prune_checkpoints(cfg.storage.keep_checkpoints, protect=t)
                 self.progress.round_summary(metrics)

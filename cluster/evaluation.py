@@ -27,8 +27,15 @@ the first update, ``eval/baseline.parquet``):
 - ``eval_mean_response_tokens``, ``eval_initial_mean_response_tokens``, ``eval_comparisons``,
   ``eval_judge_dropped``, ``eval_s``.
 
+Under a judge that declares a matrix game over a discrete feature of the response (the ``cyclic`` rule), the
+policy's exact ``feature_exploitability`` and ``feature_regularized_exploitability`` in that game, with bootstrap
+intervals, and its class distribution against the regularised Nash's (:func:`feature_game_metrics`).
+
 Each round's eval answers and verdicts are kept in ``rounds/t/eval.parquet``. Tabular games are evaluated exactly
-(``exploitability``, ``regularized_exploitability``, ``win_rate_vs_ref``: the initial tabular policy is π_ref).
+(``exploitability``, ``regularized_exploitability``, ``win_rate_vs_ref``: the initial tabular policy is π_ref), the
+same for the average iterate (``avg_exploitability``, ``avg_regularized_exploitability``: the uniform average of the
+round policies π_1..π_t, where SPPO and DNO converge while their last iterates cycle; see
+:func:`running_average_policy`).
 
 ``ranking_accuracy`` (Chen et al. 2024, arXiv 2405.19534) is for the learner to compute from its pass over the
 round's pairs before the first update (π_t and π_ref log-probs) with :func:`ranking_counts`.
@@ -176,6 +183,65 @@ def compare_answers(probs: list[float | None], answers_a: list[str], answers_b: 
             f"lc_win_rate_{name}_high": lc["lc_win_rate_high"], "lc_length_coef": lc["lc_length_coef"]}
 
 
+def feature_game_metrics(M: np.ndarray, policy_classes, ref_classes, kl_terms, tau: float,
+                         bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Exact exploitability of an LLM policy under a judge whose preference depends only on a discrete feature of
+    the response (classes 0..C−1, ``M[c, c'] = P(class c ≻ class c')``).
+
+    With q the policy's class distribution (from ``policy_classes``, one per held-out answer) and r π_ref's (from
+    ``ref_classes``, the initial policy's answers), a best response against π picks the best class:
+
+        exploitability              = max_c (Mq)_c − ½
+        regularized_exploitability  = τ·log Σ_c r_c·exp((Mq)_c/τ) + τ·KL(π‖π_ref) − ½
+
+    (the best response of the τ-regularised game is π_ref reweighted by class), with KL(π‖π_ref) the mean of
+    ``kl_terms`` = log π(y) − log π_ref(y) over the same answers (None: the regularised figure is left out). Also
+    q, r, and the class distribution q* of the regularised Nash of M (r smoothed by ½ a count per class, so that
+    log r is finite). 95% intervals: percentile bootstrap over the answers (policy answers with their KL terms, and
+    the initial answers, resampled independently)."""
+    from scipy.special import logsumexp
+
+    from oracles.games import regularized_nash
+    classes = M.shape[0]
+    policy_classes, ref_classes = np.asarray(policy_classes), np.asarray(ref_classes)
+    kl_terms = None if kl_terms is None else np.asarray(kl_terms, dtype=float)
+
+    def dist(c):
+        return np.bincount(c, minlength=classes) / max(len(c), 1)
+
+    def figures(pi_idx, ref_idx):
+        q, r = dist(policy_classes[pi_idx]), dist(ref_classes[ref_idx])
+        out = {"feature_exploitability": float((M @ q).max() - 0.5)}
+        if kl_terms is not None:
+            out["feature_regularized_exploitability"] = float(
+                tau * logsumexp((M @ q) / tau, b=r) + tau * kl_terms[pi_idx].mean() - 0.5)
+        return out
+
+    n, m = len(policy_classes), len(ref_classes)
+    point = figures(np.arange(n), np.arange(m))
+    rng = np.random.default_rng(seed)
+    draws = [figures(rng.integers(0, n, n), rng.integers(0, m, m)) for _ in range(bootstrap)]
+    for key in list(point):
+        values = [d[key] for d in draws]
+        point[f"{key}_low"], point[f"{key}_high"] = (float(np.percentile(values, 2.5)),
+                                                     float(np.percentile(values, 97.5)))
+    smoothed = (np.bincount(ref_classes, minlength=classes) + 0.5) / (m + 0.5 * classes)
+    point.update(feature_class_distribution=dist(policy_classes).tolist(),
+                 feature_ref_class_distribution=dist(ref_classes).tolist(),
+                 feature_regularized_nash=regularized_nash(M, smoothed, tau).tolist(), feature_tau=tau)
+    return point
+
+
+def declared_feature_game(oracle_cfg):
+    """The rule oracle of ``oracle_cfg`` when it declares a matrix game over a discrete feature of the response
+    (``feature`` and ``feature_game``), else None."""
+    if oracle_cfg is None or oracle_cfg.kind != "rule":
+        return None
+    from oracles.rules import build_rule
+    rule = build_rule(oracle_cfg.rule, oracle_cfg.options)
+    return rule if hasattr(rule, "feature_game") else None
+
+
 # ------------------------------------------------------------------------------------------ campaign rounds
 
 def _plain_sampling(cfg) -> bool:
@@ -251,7 +317,8 @@ def evaluate_round(campaign, roles, push) -> dict:
     start = time.perf_counter()
     baseline = read_table(path)
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    current = generate(roles, [{"prompt_id": b["prompt_id"], "prompt": b["prompt"]} for b in baseline], 1, "policy")
+    current = generate(roles, [{k: b[k] for k in ("prompt_id", "prompt", "messages") if k in b} for b in baseline], 1,
+                       "policy")
     by_id = {s["prompt_id"]: s for s in current}
     answers = [by_id[b["prompt_id"]] for b in baseline]
     comparisons = [{"prompt": b["prompt"], "a": s["response"], "b": b["response"]} for b, s in zip(baseline, answers)]
@@ -275,11 +342,19 @@ def evaluate_round(campaign, roles, push) -> dict:
     if scored and info.get("plain_sampling"):
         out["eval_kl_ref_to_policy"] = float(np.mean([b["ref_logprob"] - lp
                                                       for b, lp in zip(scored, policy_logprobs)]))
+    kl_terms = None
     if info.get("plain_sampling") and answers:
         # KL(π_θ ‖ π_ref), the divergence the algorithms regularise: π_θ's own fresh answers, both log-probs from the
         # learner (which holds π_θ and π_ref with the same numerics; the generators' engine may differ from it).
         both = roles.learner.sequence_logprobs([s["prompt_ids"] for s in answers], [s["response_ids"] for s in answers])
-        out["eval_kl_policy_to_ref"] = float(np.mean(np.subtract(both["policy"], both["reference"])))
+        kl_terms = np.subtract(both["policy"], both["reference"])
+        out["eval_kl_policy_to_ref"] = float(np.mean(kl_terms))
+    feature_rule = declared_feature_game(campaign.cfg.evaluation.oracle or campaign.cfg.judges.oracle)
+    if feature_rule is not None:
+        classes = [feature_rule.feature(s["response"]) for s in answers]
+        ref_classes = [feature_rule.feature(b["response"]) for b in baseline]
+        out.update(feature_game_metrics(feature_rule.feature_game(), classes, ref_classes, kl_terms,
+                                        getattr(campaign.cfg.algorithm, "tau", 0.1), seed=campaign.cfg.seed))
     policy_of = {b["prompt_id"]: lp for b, lp in zip(scored, policy_logprobs)}
     rows = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"], "prompt_ids": s["prompt_ids"],
              "response": s["response"], "response_ids": s["response_ids"],
@@ -302,15 +377,42 @@ def _evaluate_tabular(campaign, push) -> dict:
     pi /= pi.sum(-1, keepdims=True)
     tau = getattr(campaign.cfg.algorithm, "tau", 0.1)
     out = {
-        "exploitability": float(np.mean([games.exploitability(P, p) for P, p in zip(game.P, pi)])),
-        "regularized_exploitability": float(np.mean([games.regularized_exploitability(P, r, p, tau)
-                                                     for P, r, p in zip(game.P, game.pi_ref, pi)])),
-        "win_rate_vs_ref": float(np.mean([games.win_rate(P, p, r) for P, p, r in zip(game.P, pi, game.pi_ref)])),
+        "exploitability": games.exploitability(game.P, pi),
+        "regularized_exploitability": games.regularized_exploitability(game.P, game.pi_ref, pi, tau),
+        "win_rate_vs_ref": games.win_rate(game.P, pi, game.pi_ref),
         "tau": tau,
     }
+    # the push of round t carries version t + 1 (one version per round, from 0)
+    average = running_average_policy(campaign.run, push.version - 1, game.prompts, pi)
+    if average is not None:
+        out["avg_exploitability"] = games.exploitability(game.P, average)
+        out["avg_regularized_exploitability"] = games.regularized_exploitability(game.P, game.pi_ref, average, tau)
     policy = {name: p.tolist() for name, p in zip(game.prompts, pi)}
     atomic_write_json(campaign.run.root / "policy.json", policy)
     return out
+
+
+AVERAGE_POLICY = "average_policy.json"
+
+
+def running_average_policy(run, t: int, prompts: list[str], pi: np.ndarray) -> np.ndarray | None:
+    """(π_1 + … + π_{t+1}) / (t + 1) per prompt, with ``pi`` = π_{t+1}, the policy round t trained. Kept in
+    ``rounds/t/average_policy.json`` and continued from round t−1's file, so a resumed campaign (whose earlier
+    round directories persist) carries it on, and a replayed round rewrites its own. None, and nothing written,
+    when round t−1 has no such file: its evaluation was skipped (``evaluation.every_rounds`` > 1), and the average
+    would leave out a round."""
+    if t == 0:
+        average = pi
+    else:
+        previous = run.round_dir(t - 1) / AVERAGE_POLICY
+        if not previous.is_file():
+            return None
+        saved = json.loads(previous.read_text())
+        before = np.array([saved["policy"][name] for name in prompts], dtype=np.float64)
+        average = before + (pi - before) / (t + 1)
+    atomic_write_json(run.round_dir(t) / AVERAGE_POLICY,
+                      {"rounds": t + 1, "policy": {name: p.tolist() for name, p in zip(prompts, average)}})
+    return average
 
 
 # ------------------------------------------------------------------------------------------ head to head

@@ -1,4 +1,5 @@
-"""Prompt sources: files (JSONL, JSON, parquet), embedded sets, tabular games; split into train and held-out eval.
+"""Prompt sources: files (JSONL, JSON, parquet), embedded sets, Hugging Face datasets, tabular games; split into train
+and held-out eval. A prompt is a string or a chat (a list of ``{"role", "content"}`` messages).
 
 Bad rows fail at load with the file and row that are wrong, before any generation is paid for.
 """
@@ -6,6 +7,8 @@ Bad rows fail at load with the file and row that are wrong, before any generatio
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +40,28 @@ class PromptDataError(ValueError):
     """A prompt source that cannot be used; the message names the file and row."""
 
 
+BUILTIN_SETS = ("builtin:demo", "builtin:instructions")
+# builtin:instructions: 344 short instructions written for this project, about half inviting answers whose sentiment
+# and length vary a lot (opinions, reviews, advice, complaints, descriptions; ``kind: open``), the rest factual,
+# how-to, explain-like-I'm-five and short creative tasks (``kind: task``).
+INSTRUCTIONS_FILE = Path(__file__).parent / "defaults" / "instructions.jsonl"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 @dataclass(frozen=True)
 class Prompt:
+    """``prompt`` is the text judges and records see. A chat prompt also carries its ``messages`` (JSON of the
+    ``{"role", "content"}`` list), which the generators wrap in the chat template instead of ``prompt``."""
     prompt_id: str
     prompt: str
+    messages: str | None = None
 
     def as_dict(self) -> dict:
-        return {"prompt_id": self.prompt_id, "prompt": self.prompt}
+        return {"prompt_id": self.prompt_id, "prompt": self.prompt, "messages": self.messages}
+
+    def chat(self) -> str | list[dict]:
+        """What the chat template wraps: the messages of a chat prompt, else ``prompt`` as the user turn."""
+        return json.loads(self.messages) if self.messages is not None else self.prompt
 
 
 def _rows_from_file(path: Path) -> list[dict]:
@@ -83,36 +101,138 @@ def _rows_from_file(path: Path) -> list[dict]:
     raise PromptDataError(f"prompt file {path}: unsupported extension {suffix!r} (use .jsonl, .json or .parquet)")
 
 
-def load_prompts(source: str, field: str = "prompt") -> list[Prompt]:
-    """``builtin:demo``, ``game:SPEC`` (the prompts of a tabular game), or a JSONL/JSON/parquet file of rows with
-    ``field`` (and optionally ``prompt_id``)."""
+def load_prompts(source: str, field: str = "prompt", split: str = "train") -> list[Prompt]:
+    """``builtin:demo``, ``builtin:instructions``, ``game:SPEC`` (the prompts of a tabular game), ``hf:NAME_OR_PATH``
+    (``split`` of a Hugging Face hub dataset, or of a folder saved with ``save_to_disk``), or a JSONL/JSON/parquet
+    file; the rows of a file or dataset hold ``field`` (a string, or a chat: a list of ``{"role", "content"}``
+    messages) and optionally ``prompt_id``."""
     if source == "builtin:demo":
         return [Prompt(f"demo-{i:03d}", text) for i, text in enumerate(DEMO_PROMPTS)]
     if source.startswith("game:"):
         from oracles.games import load_game
         return [Prompt(name, name) for name in load_game(source[len("game:"):]).prompts]
-    if source.startswith("builtin:"):
-        raise PromptDataError(f"unknown embedded prompt set {source!r}; known: builtin:demo")
-    path = Path(source).expanduser()
-    rows = _rows_from_file(path)
+    if source == "builtin:instructions":
+        path = INSTRUCTIONS_FILE
+    elif source.startswith("builtin:"):
+        raise PromptDataError(f"unknown embedded prompt set {source!r}; known: {', '.join(BUILTIN_SETS)}")
+    elif source.startswith("hf:"):
+        name = source[len("hf:"):]
+        where = f"hf dataset {name!r} split {split!r}"
+        return _prompts_from_rows(_rows_from_hf(name, split, field), where, field)
+    else:
+        path = Path(source).expanduser()
+    return _prompts_from_rows(_rows_from_file(path), f"prompt file {path}", field)
+
+
+def _rows_from_hf(name: str, split: str, field: str) -> list[dict]:
+    """The rows (``field`` and ``prompt_id`` columns) of ``split`` of a folder written by ``save_to_disk`` or, when
+    ``name`` is no existing path, of the hub dataset ``name``."""
+    if not name:
+        raise PromptDataError("data.prompts 'hf:' names no dataset: use hf:HUB_ID or hf:FOLDER")
+    try:
+        import datasets
+    except ImportError:
+        raise PromptDataError(f"data.prompts hf:{name} needs the datasets package (pip install datasets)") from None
+    path = Path(name).expanduser()
+    if path.exists():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise PromptDataError(f"hf dataset {name!r}: {path} is not a folder written by Dataset.save_to_disk or "
+                                  f"DatasetDict.save_to_disk") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise PromptDataError(f"hf dataset {name!r} has no split {split!r} (data.split); its splits: "
+                                      f"{sorted(loaded)}")
+            dataset = loaded[split]
+        elif loaded.split is not None and str(loaded.split) != split:
+            raise PromptDataError(f"hf dataset {name!r} holds only split {str(loaded.split)!r}, not data.split "
+                                  f"{split!r}")
+        else:
+            dataset = loaded
+    else:
+        dataset = _load_hub_dataset(datasets, name, split)
+    if field not in dataset.column_names:
+        raise PromptDataError(f"hf dataset {name!r} split {split!r} has no column {field!r} (data.prompt_field); its "
+                              f"columns: {dataset.column_names}")
+    return dataset.select_columns([c for c in (field, "prompt_id") if c in dataset.column_names]).to_list()
+
+
+def _load_hub_dataset(datasets, name: str, split: str):
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as err:  # not found, unreachable, offline, gated (OSError); unknown split (ValueError)
+        offline = " (HF_HUB_OFFLINE is set: only datasets in the local cache load)" \
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+        raise PromptDataError(f"hf dataset {name!r} is no local folder and its split {split!r} (data.split) could not "
+                              f"be loaded from the Hugging Face hub{offline}: {type(err).__name__}: {err}") from None
+
+
+def _prompts_from_rows(rows: list, where: str, field: str) -> list[Prompt]:
     if not rows:
-        raise PromptDataError(f"prompt file {path} holds no rows")
+        raise PromptDataError(f"{where} holds no rows")
     prompts, seen = [], set()
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
-            raise PromptDataError(f"prompt file {path} row {number} is a {type(row).__name__}, not an object")
-        text = row.get(field)
-        if text is None:
-            raise PromptDataError(f"prompt file {path} row {number} has no field {field!r} "
-                                  f"(fields: {sorted(row)})")
-        if not isinstance(text, str) or not text.strip():
-            raise PromptDataError(f"prompt file {path} row {number}: field {field!r} must be a non-empty string")
-        prompt_id = str(row.get("prompt_id", f"row-{number}"))
+            raise PromptDataError(f"{where} row {number} is a {type(row).__name__}, not an object")
+        if field not in row:
+            raise PromptDataError(f"{where} row {number} has no field {field!r} (fields: {sorted(row)})")
+        value = row[field]
+        if isinstance(value, list):
+            messages = chat_messages(value, f"{where} row {number}: field {field!r}")
+            text, chat = render_chat(messages), json.dumps(messages, ensure_ascii=False)
+        elif isinstance(value, str) and value.strip():
+            text, chat = value, None
+        else:
+            raise PromptDataError(f"{where} row {number}: field {field!r} must be a non-empty string or a list of "
+                                  f"{{'role', 'content'}} messages, got {value!r:.60}")
+        prompt_id = f"row-{number}" if row.get("prompt_id") is None else str(row["prompt_id"])
         if prompt_id in seen:
-            raise PromptDataError(f"prompt file {path} row {number}: duplicate prompt_id {prompt_id!r}")
+            raise PromptDataError(f"{where} row {number}: duplicate prompt_id {prompt_id!r}")
         seen.add(prompt_id)
-        prompts.append(Prompt(prompt_id, text))
+        prompts.append(Prompt(prompt_id, text, chat))
     return prompts
+
+
+def chat_messages(value: list, where: str) -> list[dict]:
+    """``value`` checked as a chat prompt (OpenAI / TRL conversational format): ``{"role", "content"}`` messages,
+    roles among CHAT_ROLES, string contents, at least one user turn and the user's turn last — the turn the model
+    answers. Keys besides role and content must be absent or null (Arrow fills a struct's missing fields)."""
+    if not value:
+        raise PromptDataError(f"{where} is an empty list of messages")
+    messages = []
+    for k, message in enumerate(value):
+        at = f"{where}[{k}]"
+        if not isinstance(message, dict):
+            raise PromptDataError(f"{at} is a {type(message).__name__}, not a {{'role', 'content'}} message")
+        extra = sorted(key for key, v in message.items() if key not in ("role", "content") and v is not None)
+        if extra:
+            raise PromptDataError(f"{at} has fields {extra} besides 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise PromptDataError(f"{at} has role {role!r}; a message's role is one of {list(CHAT_ROLES)}")
+        if content is None:
+            raise PromptDataError(f"{at} ({role}) has no content")
+        if not isinstance(content, str):
+            raise PromptDataError(f"{at} ({role}): content must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise PromptDataError(f"{at} ({role}): content is empty")
+        messages.append({"role": role, "content": content})
+    roles = [m["role"] for m in messages]
+    if "user" not in roles:
+        raise PromptDataError(f"{where} has no user turn (roles: {roles})")
+    if roles[-1] != "user":
+        raise PromptDataError(f"{where} ends with a turn of role {roles[-1]!r}: the last message must be the user's, "
+                              f"which the model answers")
+    return messages
+
+
+def render_chat(messages: list[dict]) -> str:
+    """The text judges and records see of a chat prompt: a lone user turn as it is, a longer chat one turn per
+    paragraph, each led by its role."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 def check_prompts_fit_model(prompts: list[Prompt], cfg, source: str) -> None:
@@ -132,7 +252,7 @@ def check_prompts_fit_model(prompts: list[Prompt], cfg, source: str) -> None:
                               f"+ 1 exceeds the context of model {model!r} ({context} tokens)")
     tokenizer = load_tokenizer(model)
     for prompt in prompts:
-        n_tokens = len(chat_prompt_ids(tokenizer, prompt.prompt))
+        n_tokens = len(chat_prompt_ids(tokenizer, prompt.chat()))
         if n_tokens > limit:
             raise PromptDataError(f"{source}: prompt {prompt.prompt_id!r} is {n_tokens} tokens with the chat "
                                   f"template of {model!r}, over model.max_prompt_tokens = {limit}")
@@ -149,10 +269,35 @@ class PromptSplit:
         return [self.train[(t * n + i) % len(self.train)] for i in range(n)]
 
 
-def split_prompts(prompts: list[Prompt], eval_fraction: float, seed: int) -> PromptSplit:
+def split_prompts(prompts: list[Prompt], eval_fraction: float, seed: int, source: str = "the source") -> PromptSplit:
+    """A fixed permutation of ``prompts`` by ``seed``: its first round(eval_fraction · n) are held out, the rest
+    train."""
     order = np.random.default_rng(seed).permutation(len(prompts))
     n_eval = int(round(eval_fraction * len(prompts)))
     if len(prompts) - n_eval < 1:
-        raise PromptDataError(f"{len(prompts)} prompts leave none for training with eval_fraction={eval_fraction}")
+        raise PromptDataError(f"{len(prompts)} prompts leave none for training with eval_fraction={eval_fraction}: "
+                              f"data.eval_fraction holds out all {n_eval} prompts of {source}; lower it or add "
+                              f"prompts")
     shuffled = [prompts[i] for i in order]
     return PromptSplit(train=shuffled[n_eval:], eval=shuffled[:n_eval])
+
+
+def split_campaign_prompts(prompts: list[Prompt], cfg, source: str) -> PromptSplit:
+    """The train / held-out split of a campaign (``cfg``, a ``CampaignConfig``) by data.eval_fraction and
+    data.shuffle_seed (tabular games hold nothing out). Fails at load, naming the numbers and fields, when no
+    prompt is left to train on or when an evaluating campaign holds out fewer prompts than evaluation.prompts."""
+    tabular = cfg.generators.engine == "tabular"
+    fraction = 0.0 if tabular else cfg.data.eval_fraction
+    split = split_prompts(prompts, fraction, cfg.data.shuffle_seed, source)
+    wanted, held_out, n = cfg.evaluation.prompts, len(split.eval), len(prompts)
+    if tabular or not cfg.evaluation.every_rounds or held_out >= wanted:
+        return split
+    needed = math.ceil(1000 * wanted / n) / 1000  # the smallest fraction in steps of 0.001 that holds out enough
+    if needed < 1 and n - round(needed * n) >= 1:
+        remedy = f"raise data.eval_fraction to {needed} or more, or lower evaluation.prompts"
+    else:
+        remedy = f"{n} prompts cannot hold out {wanted} and still train: lower evaluation.prompts or add prompts"
+    raise PromptDataError(f"{source}: data.eval_fraction={fraction} holds out {held_out} of its {n} prompts, fewer "
+                          f"than evaluation.prompts={wanted}, the held-out prompts each evaluation answers "
+                          f"(evaluation.every_rounds={cfg.evaluation.every_rounds}); {remedy} "
+                          f"(evaluation.every_rounds=0 turns evaluation off)")

@@ -103,7 +103,11 @@ def plot_specs(metrics: list[dict]) -> list[Plot]:
             series(m, "generate_tokens_per_s", "generation"), series(m, "train_tokens_per_s", "training")]),
         Plot("exploitability", "Exploitability of π_θ (tabular game)", "exploitability", [
             series(m, "exploitability", "exploitability"),
-            series(m, "regularized_exploitability", "regularised exploitability")], log_y=True),
+            series(m, "regularized_exploitability", "regularised exploitability"),
+            series(m, "avg_exploitability", "exploitability, average iterate (π_1 + … + π_t)/t"),
+            series(m, "avg_regularized_exploitability", "regularised exploitability, average iterate")],
+             log_y=True, note="SPPO and DNO converge in the average iterate (their last iterates cycle); INPO and "
+                            "Nash-MD in the last"),
         Plot("tabular_win_rate", "Win rate vs π_ref (tabular game, exact)", "win rate",
              [None if judged else series(m, "win_rate_vs_ref", "vs π_ref")], reference_line=0.5),
     ]

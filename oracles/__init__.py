@@ -1,4 +1,5 @@
-"""Preference oracles: P(a ≻ b | x) from a game matrix, a rule, a model, an HTTP endpoint or an ensemble.
+"""Preference oracles: P(a ≻ b | x) from a game matrix, a rule, a model, a sentiment lexicon, an HTTP endpoint or a
+panel (ensemble) of them.
 
 :func:`build_oracle` turns a ``judges.oracle`` config section into a :class:`~oracles.base.PreferenceOracle`.
 Model-backed oracles import torch/transformers/vLLM only when built.
@@ -84,8 +85,16 @@ def _build(cfg, game_spec: str | None, seed: int) -> PreferenceOracle:
         return HTTPJudge(cfg.url, model=cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
                          retries=cfg.retries, concurrency=cfg.concurrency, template=cfg.template,
                          both_orders=cfg.both_orders, backoff_s=cfg.backoff_s, top_logprobs=cfg.top_logprobs)
+    if cfg.kind == "sentiment":
+        from oracles.sentiment import SentimentOracle
+        return SentimentOracle(cfg.prefer, cfg.sharpness)
     if cfg.kind == "ensemble":
         from oracles.ensemble import EnsembleOracle
-        return EnsembleOracle([_build(member, game_spec, seed + i) for i, member in enumerate(cfg.members)],
-                              combine=cfg.combine)
+        members = []
+        for i, member in enumerate(cfg.members):
+            try:
+                members.append(_build(member, game_spec, seed + i))
+            except Exception as err:  # name the member that failed: a panel's error is otherwise anonymous
+                raise ValueError(f"ensemble member {i} ({member.kind}) could not be built: {err}") from err
+        return EnsembleOracle(members, combine=cfg.combine, weights=cfg.weights)
     raise ValueError(f"unknown oracle kind {cfg.kind!r}")

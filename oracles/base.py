@@ -16,9 +16,11 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Verdict:
-    """``prob`` = P(a ≻ b) in [0, 1], or None when the comparison was dropped; ``reason`` says why."""
+    """``prob`` = P(a ≻ b) in [0, 1], or None when the comparison was dropped; ``reason`` says why. ``votes``: a
+    panel's member probabilities behind ``prob`` (None for a member that dropped it), kept to measure agreement."""
     prob: float | None
     reason: str | None = None
+    votes: tuple[float | None, ...] | None = None
 
     def __post_init__(self):
         if self.prob is None and not self.reason:

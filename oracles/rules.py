@@ -6,8 +6,9 @@
 * ``max_words`` — a response within the word limit beats one over it; no preference otherwise.
 * ``matches_format`` — a response matching a regular expression beats one that does not.
 * ``cyclic`` — a synthetic intransitive preference for tests and benchmarks: responses fall in ``classes`` (odd)
-  classes by word count, and each class beats the next (classes − 1)/2 classes cyclically (rock-paper-scissors for 3),
-  so no response is best and the Nash equilibrium is mixed.
+  classes by a discrete feature (word count mod classes, word-count bins, or sentiment class), and each class beats
+  the next (classes − 1)/2 classes cyclically (rock-paper-scissors for 3), so no response is best and the Nash
+  equilibrium is mixed. It declares its matrix game over the classes (``feature_game``).
 
 ``RULES`` maps each name to its oracle class; :func:`build_rule` builds one with validated options.
 """
@@ -164,28 +165,65 @@ class MatchesFormat(RuleOracle):
 
 
 class Cyclic(RuleOracle):
-    """Class = word count mod ``classes``; class c beats classes c+1 … c+(classes−1)/2 (mod classes) with probability
-    ½ + ``strength``/2. Intransitive for every odd ``classes`` ≥ 3."""
+    """A discrete feature of the response puts it in one of ``classes`` (odd) classes; class c beats classes
+    c+1 … c+(classes−1)/2 (mod classes) with probability ½ + ``strength``/2. Intransitive for every odd ``classes``
+    ≥ 3. The feature:
+
+    - ``words_mod``: the word count mod ``classes``;
+    - ``words``: word-count bins, ``bins`` the increasing lower edges of classes 1, 2, … (classes = len(bins) + 1);
+    - ``sentiment``: VADER's negative / neutral / positive (oracles/sentiment.py), 3 classes.
+
+    The preference depends on the classes alone, so it induces the matrix game :meth:`feature_game` over them, in
+    which a policy's exploitability depends only on its class distribution."""
 
     name = "cyclic"
+    FEATURES = ("words_mod", "words", "sentiment")
 
-    def __init__(self, classes: int = 3, strength: float = 1.0):
+    def __init__(self, classes: int | None = None, strength: float = 1.0, feature: str = "words_mod",
+                 bins: list[int] | None = None):
+        if feature not in self.FEATURES:
+            raise ValueError(f"rule 'cyclic': feature must be one of {self.FEATURES}, got {feature!r}")
+        if (bins is not None) != (feature == "words"):
+            raise ValueError("rule 'cyclic': bins (word-count class edges) go with feature 'words', and only with it")
+        if bins is not None and (not bins or any(not isinstance(b, int) for b in bins)
+                                 or any(b <= a for a, b in zip([0] + list(bins), bins))):
+            raise ValueError(f"rule 'cyclic': bins must be increasing positive integers, got {bins!r}")
+        implied = {"words": len(bins) + 1 if bins else None, "sentiment": 3}.get(feature)
+        if classes is None:
+            classes = implied or 3
+        elif implied is not None and classes != implied:
+            raise ValueError(f"rule 'cyclic': feature {feature!r} gives {implied} classes, but classes = {classes}")
         if not isinstance(classes, int) or classes < 3 or classes % 2 == 0:
             raise ValueError(f"rule 'cyclic': classes must be an odd integer ≥ 3, got {classes!r}")
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"rule 'cyclic': strength must be in [0, 1], got {strength!r}")
-        super().__init__(classes=classes, strength=strength)
-        self.classes, self.strength = classes, float(strength)
+        options = {"classes": classes, "strength": strength}
+        if feature != "words_mod":  # the original rule keeps its cache id
+            options.update(feature=feature, bins=bins)
+        super().__init__(**options)
+        self.classes, self.strength, self.feature_name, self.bins = classes, float(strength), feature, bins
+        if feature == "sentiment":
+            from oracles.sentiment import sentiment_class
+            self._sentiment = sentiment_class
 
     def feature(self, response: str) -> int:
-        return len(response.split()) % self.classes
+        words = len(response.split())
+        if self.feature_name == "words_mod":
+            return words % self.classes
+        if self.feature_name == "words":
+            return sum(words >= edge for edge in self.bins)
+        return self._sentiment(response)
+
+    def feature_game(self):
+        """M[c, c'] = P(a response of class c ≻ one of class c')."""
+        import numpy as np
+        ahead = (np.arange(self.classes)[None, :] - np.arange(self.classes)[:, None]) % self.classes
+        wins = (ahead > 0) & (ahead <= (self.classes - 1) // 2)
+        losses = ahead > (self.classes - 1) // 2
+        return 0.5 + 0.5 * self.strength * (wins.astype(float) - losses.astype(float))
 
     def prefer(self, prompt, a, b):
-        ahead = (self.feature(b) - self.feature(a)) % self.classes
-        if ahead == 0:
-            return 0.5
-        a_wins = ahead <= (self.classes - 1) // 2
-        return 0.5 + (0.5 if a_wins else -0.5) * self.strength
+        return float(self.feature_game()[self.feature(a), self.feature(b)])
 
 
 RULES: dict[str, Callable[..., RuleOracle]] = {

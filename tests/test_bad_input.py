@@ -48,12 +48,29 @@ HTTP = {"kind": "http", "url": "http://127.0.0.1:9/v1"}
     ({"generators": {"engine": "tabular"}}, ["data.game"]),
     ({**TABULAR, "data": {"game": "builtin:rps"}, "learner": {"precision": "bf16"}}, ["learner.precision"]),
     ({"judges": {"oracle": {"kind": "matrix"}}}, ["judges.oracle.kind 'matrix'", "generators.engine"]),
-    ({"algorithm": {"name": "nash_md"}, "generators": {"engine": "vllm"}}, ["nash_md", "generators.engine 'vllm'"]),
+    ({"algorithm": {"name": "nash_md", "mixture": 1.5}}, ["algorithm.nash_md.mixture"]),  # out of range
     ({"algorithm": {"name": "inpo", "eta": 5, "tau": 0.5}}, ["algorithm.inpo", "eta * tau = 2.5 > 1"]),
     ({"schedule": {"async_rounds": True, "max_staleness": 0}}, ["schedule.async_rounds", "max_staleness ≥ 1"]),
     ({"schedule": {"async_anchor": "judge"}}, ["schedule.async_anchor", "'generator' or 'learner'"]),
     ({"judges": {"oracle": {"kind": "reward_model", "model": "m", "engine": "vllm"}}},
      ["judges.oracle.reward_model", "engine 'vllm' serves kind 'llm_judge' only"]),
+    # an algorithm's assumption broken: Nash-MD's on-policy surrogate trained past its sampling policy, ...
+    ({"algorithm": {"name": "nash_md", "clip_ratio": None}, "generators": {"engine": "hf"},
+      "schedule": {"prompts_per_round": 4, "samples_per_prompt": 2}, "learner": {"epochs_per_round": 30}},
+     ["algorithm.clip_ratio null", "learner.epochs_per_round 30"]),
+    ({"algorithm": {"name": "nash_md", "clip_ratio": None}, "generators": {"engine": "hf"},
+      "schedule": {"prompts_per_round": 8, "samples_per_prompt": 4}, "learner": {"micro_batch_size": 8}},
+     ["algorithm.clip_ratio null", "32 records per round", "learner.micro_batch_size"]),
+    # ... its ratio taken to a policy that did not draw the samples, or to a tempered one
+    ({"algorithm": {"name": "nash_md"}, "generators": {"engine": "hf"},
+      "schedule": {"async_rounds": True, "async_anchor": "learner"}},
+     ["algorithm.clip_ratio", "schedule.async_anchor 'generator'"]),
+    ({"algorithm": {"name": "nash_md"}, "generators": {"engine": "hf", "sampling": {"temperature": 0.7}}},
+     ["nash_md", "generators.sampling.temperature 1 and top_p 1"]),
+    ({"algorithm": {"name": "nash_md", "mixture": 0.0}, "generators": {"engine": "hf"}},
+     ["algorithm.nash_md", "mixture 0", "clip_ratio null"]),
+    ({"algorithm": {"name": "nash_md", "clip_ratio": 1.5}, "generators": {"engine": "hf"}},
+     ["algorithm.nash_md.clip_ratio"]),
 ])
 def test_config_errors_name_the_field(config, names):
     with pytest.raises(ConfigError) as err:
@@ -522,3 +539,80 @@ def test_a_resume_with_an_invalid_config_leaves_the_run_directory_untouched(tmp_
         run_campaign(resume=str(run.root))
     assert _digests(run.root) == before
     assert yaml.safe_load(run.config_path.read_text())["learner"]["zero_stag"] == 0
+
+
+# ------------------------------------------------------------------------------- what `nashray run` prints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nashray(*argv: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("case", ["prompt file", "model path"])
+def test_nashray_run_names_the_bad_input_in_one_line(tiny_model_dir, tmp_path, case):
+    """The message is the whole output — no traceback ending in it — and the exit status says it failed;
+    ``--verbose`` adds the traceback."""
+    model, prompts = tiny_model_dir, "builtin:demo"
+    if case == "prompt file":
+        prompts, named = str(tmp_path / "prompts.jsonl"), f"prompt file {tmp_path / 'prompts.jsonl'} does not exist"
+    else:
+        model, named = "./models/my-sft", (f"model.path: no model folder at {ROOT / 'models' / 'my-sft'}, and "
+                                           f"'./models/my-sft' is not an HF hub id either")
+    config = tmp_path / "campaign.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": model, "dtype": "float32"}, "data": {"prompts": prompts},
+                                      "storage": {"run_dir": str(tmp_path / "run")}}))
+    done = _nashray("run", str(config))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"nashray run: {named}"], done.stderr
+    if case == "model path":  # found before anything is started or written
+        assert not (tmp_path / "run").exists()
+        verbose = _nashray("run", str(config), "--verbose")
+        assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
+        assert verbose.stderr.splitlines()[-1] == f"nashray run: {named}"
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line_on_one_line(tmp_path):
+    path = tmp_path / "campaign.yaml"
+    path.write_text("learner:\n  workers: 2\n    zero_stage: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"campaign config {path} is not valid YAML: mapping values are not allowed here "
+                              f"(line 3, column 15)")
+
+
+def test_a_model_not_available_here_is_named_by_its_field(tiny_model_dir, tmp_path, monkeypatch):
+    """Every model the campaign loads is checked: the policy and each model judge, inside ensembles too. A hub id
+    is accepted offline only when the local HF cache holds it."""
+    from huggingface_hub import constants
+
+    from cluster.cli import check_models
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    (tmp_path / "no-config").mkdir()
+    judge = {"kind": "reward_model", "model": tiny_model_dir}
+    check_models(parse_config({"model": {"path": "org/cached"}, "judges": {"oracle": judge}}))
+    for config, named in [
+        ({"model": {"path": "org/not-cached"}}, "model.path: 'org/not-cached' is not a local folder, and as an HF "
+                                                "hub id it is not in the local HF cache"),
+        ({"model": {"path": str(tmp_path / "no-config")}}, f"model.path: model folder {tmp_path / 'no-config'} has "
+                                                           f"no config.json"),
+        ({"model": {"path": tiny_model_dir}, "judges": {"oracle": {"kind": "ensemble", "members": [
+            judge, {"kind": "llm_judge", "model": str(tmp_path / "judge")}]}}},
+         f"judges.oracle.members.1.model: no model folder at {tmp_path / 'judge'}"),
+        ({"model": {"path": tiny_model_dir}, "evaluation": {"oracle": {**judge, "model": "a/b/c"}}},
+         "evaluation.oracle.model: no model folder at"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            check_models(parse_config(config))
+        assert str(err.value).startswith(named), err.value

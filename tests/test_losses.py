@@ -126,6 +126,39 @@ def test_nash_md_matches_formula_and_detaches_the_kl_weight(rng):
     np.testing.assert_allclose(logp.grad.numpy(), -advantage, atol=1e-12)  # d/dlogp with sg(logp − ref) fixed
 
 
+def test_nash_md_clipped_matches_formula_and_its_gradient_stops_outside_the_clip(rng):
+    t, ref = _logprobs(rng), _logprobs(rng)
+    y = t + rng.uniform(-0.5, 0.5, size=B)  # ratios e^{±0.5}: inside and outside 1 ± ε on both sides
+    pref = rng.uniform(size=B)
+    tau, beta, eps = 0.1, 0.125, 0.2
+    kappa = (1 - beta) * tau / beta
+    ratio = np.exp(y - t)
+    advantage = (pref - 0.5) - tau * (y - ref) - kappa * (y - t)
+    expected = -np.minimum(ratio * advantage, np.clip(ratio, 1 - eps, 1 + eps) * advantage)
+    logp = _t(y).requires_grad_()
+    got = losses.nash_md_clipped_loss(logp, _t(t), _t(ref), _t(pref), tau, beta, eps)
+    np.testing.assert_allclose(got.detach().numpy(), expected, atol=1e-9, rtol=0)
+    got.sum().backward()
+    # d/dlogp with the advantage held fixed: −A·r, except where the clip bounds the objective (PPO's zero gradient:
+    # a ratio past 1 + ε on a positive advantage, or below 1 − ε on a negative one)
+    clipped = ((ratio > 1 + eps) & (advantage > 0)) | ((ratio < 1 - eps) & (advantage < 0))
+    assert 0 < clipped.sum() < B
+    np.testing.assert_allclose(logp.grad.numpy(), np.where(clipped, 0.0, -advantage * ratio), atol=1e-12)
+
+
+def test_nash_md_clipped_first_step_is_the_on_policy_step(rng):
+    """At θ = π_t (ratio 1) the κ·KL(π_θ‖π_t) term has zero gradient and the clip is inactive."""
+    y, ref = _logprobs(rng), _logprobs(rng)
+    pref = rng.uniform(size=B)
+    grads = []
+    for loss in (lambda lp: losses.nash_md_loss(lp, _t(ref), _t(pref), 0.1),
+                 lambda lp: losses.nash_md_clipped_loss(lp, _t(y), _t(ref), _t(pref), 0.1, 0.125, 0.2)):
+        logp = _t(y).requires_grad_()
+        loss(logp).sum().backward()
+        grads.append(logp.grad.numpy())
+    np.testing.assert_allclose(grads[1], grads[0], atol=1e-12)
+
+
 # -------------------------------------------------------------------------------------------- gradients
 
 @pytest.mark.parametrize("name", ["dpo", "ipo", "dno_regression", "inpo", "xpo"])
@@ -341,3 +374,53 @@ def test_nash_md_expected_gradient_is_the_regularised_objective_gradient():
     (objective_grad,) = torch.autograd.grad(objective, logits)
     np.testing.assert_allclose(surrogate_grad.numpy(), -objective_grad.numpy(), atol=1e-12)
     assert objective_grad.abs().max() > 1e-3
+
+
+def _nash_md_population_surrogate(logits, log_t, lr, P, tau, mixture, clip):
+    """E_{y~π_t, y'~π_mix}[nash_md_clipped_loss]: exact weights π_t(y), preference P(y ≻ π_mix) (the loss is linear
+    in it), the mixture of π_t held fixed."""
+    mix = torch.softmax((1 - mixture) * log_t + mixture * lr, -1)
+    lp = torch.log_softmax(logits, -1)
+    return (log_t.exp() * losses.nash_md_clipped_loss(lp, log_t, lr, P @ mix, tau, mixture, clip)).sum()
+
+
+def test_nash_md_clipped_expected_gradient_is_the_proximal_objective_gradient():
+    """Inside the clip range: E_{y~π_t}[∇ loss] = −∇[P(π_θ ≻ π_mix) − τ·KL(π_θ‖π_ref) − κ·KL(π_θ‖π_t)] at θ ≠ π_t."""
+    rng, P, pi_t, pi_ref = _random_problem(6)
+    tau, mixture = 0.1, 0.125
+    kappa = (1 - mixture) * tau / mixture
+    log_t, lr, Pt = torch.tensor(np.log(pi_t)), torch.tensor(np.log(pi_ref)), torch.tensor(P)
+    logits = (log_t + torch.tensor(rng.uniform(-0.05, 0.05, size=A))).requires_grad_()
+    (surrogate_grad,) = torch.autograd.grad(
+        _nash_md_population_surrogate(logits, log_t, lr, Pt, tau, mixture, 0.2), logits)
+
+    mix = torch.softmax((1 - mixture) * log_t + mixture * lr, -1)
+    lp = torch.log_softmax(logits, -1)
+    objective = (lp.exp() @ Pt @ mix - tau * (lp.exp() * (lp - lr)).sum()
+                 - kappa * (lp.exp() * (lp - log_t)).sum())
+    (objective_grad,) = torch.autograd.grad(objective, logits)
+    np.testing.assert_allclose(surrogate_grad.numpy(), -objective_grad.numpy(), atol=1e-12)
+    assert objective_grad.abs().max() > 1e-3
+
+
+def test_nash_md_clipped_many_steps_reach_the_mirror_descent_step():
+    """Gradient steps on one round's (population) loss converge to Nash-MD's step π_t^{1−β}·π_ref^{β}·exp(η·P π_mix),
+    η = β/τ, when it lies inside the clip range; without the κ term they would go on to the regularised best response
+    π_ref·exp(P π_mix/τ), far outside it."""
+    rng, P, pi_t, _ = _random_problem(7)
+    tau, mixture, clip = 0.1, 0.125, 0.2
+    pi_ref = _normalise_log(np.log(pi_t) + rng.uniform(-0.5, 0.5, size=A))  # keeps the step within 1 ± ε of π_t
+    log_t, lr, Pt = torch.tensor(np.log(pi_t)), torch.tensor(np.log(pi_ref)), torch.tensor(P)
+    mix = _normalise_log((1 - mixture) * np.log(pi_t) + mixture * np.log(pi_ref))
+    step = _normalise_log((1 - mixture) * np.log(pi_t) + mixture * np.log(pi_ref) + mixture / tau * P @ mix)
+    assert np.all(np.abs(step / pi_t - 1) < clip - 0.05)
+    best_response = _normalise_log(np.log(pi_ref) + P @ mix / tau)
+    assert np.abs(best_response / pi_t - 1).max() > 1
+
+    logits = log_t.clone().requires_grad_()
+    optimizer = torch.optim.SGD([logits], lr=2.0)
+    for _ in range(200):
+        optimizer.zero_grad()
+        _nash_md_population_surrogate(logits, log_t, lr, Pt, tau, mixture, clip).backward()
+        optimizer.step()
+    np.testing.assert_allclose(torch.softmax(logits, -1).detach().numpy(), step, atol=1e-10)

@@ -1,19 +1,20 @@
 """The KubeRay manifests in cluster/kuberay/ are what the API server accepts and what a campaign needs.
 
 Each RayCluster / RayJob document is validated against the ``openAPIV3Schema`` of version v1 of KubeRay's CRDs
-(shared/kuberay-crds/) with ``jsonschema``, after turning the schema's Kubernetes extensions into what the API server
-does with them: ``x-kubernetes-int-or-string`` takes an integer or a string, ``nullable`` admits null, fields the
-schema does not list are rejected (the server prunes them and ``kubectl apply``'s default strict field validation
-refuses them), ``x-kubernetes-list-type: map`` lists are keyed by their ``list-map-keys``, ``set`` lists hold no
-duplicates, int32/int64 formats are range-checked. CEL rules (``x-kubernetes-validations``) are not evaluated here: a
-manifest that sets a field carrying one fails, so such a field gets a check of its own before it is used.
-Then Ray's own KubeRay autoscaler code reads the RayCluster, and the campaign in the ConfigMap is parsed and checked
-against the cluster it would run on.
+(a copy in cluster/kuberay/crds/, its source and licence in SOURCE.md there) with ``jsonschema``, after turning the
+schema's Kubernetes extensions into what the API server does with them: ``x-kubernetes-int-or-string`` takes an
+integer or a string, ``nullable`` admits null, fields the schema does not list are rejected (the server prunes them
+and ``kubectl apply``'s default strict field validation refuses them), ``x-kubernetes-list-type: map`` lists are keyed
+by their ``list-map-keys``, ``set`` lists hold no duplicates, int32/int64 formats are range-checked. CEL rules
+(``x-kubernetes-validations``) are not evaluated here: a manifest that sets a field carrying one fails, so such a field
+gets a check of its own before it is used. Then Ray's own KubeRay autoscaler code reads the RayCluster, and the
+campaign in the ConfigMap is parsed and checked against the cluster it would run on.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import shlex
 import tomllib
@@ -29,7 +30,7 @@ from cluster.placement import NodeShape, check_placeable
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay"
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+CRDS = KUBERAY / "crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 ROLE_RESOURCE = {"generators": "inference", "learner": "training", "judges": "judge"}
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -120,8 +121,6 @@ def schema_errors(validator: jsonschema.Validator, doc: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def validators() -> dict[str, jsonschema.Validator]:
-    if not CRDS.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS} (shared/ beside the checkout)")
     return {kind: crd_validator(kind) for kind in CRD_FILES}
 
 
@@ -177,6 +176,14 @@ def _shapes_at_full_size(raycluster: dict) -> list[NodeShape]:
 
 
 # --------------------------------------------------------------------------------- schema validation
+
+def test_the_crd_copies_are_the_ones_their_source_names():
+    listed = dict(re.findall(r"^\| `(ray\.io_\w+\.yaml)` \| `([0-9a-f]{64})` \|$",
+                             (CRDS / "SOURCE.md").read_text(encoding="utf-8"), re.M))
+    assert sorted(listed) == sorted(CRD_FILES.values())
+    for name, sha256 in listed.items():
+        assert hashlib.sha256((CRDS / name).read_bytes()).hexdigest() == sha256, name
+
 
 def test_every_kuberay_document_matches_its_crd(validators):
     checked = []

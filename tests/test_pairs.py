@@ -229,7 +229,8 @@ def test_records_refuse_mixed_prompts_and_foreign_configs():
 
 
 def test_algorithm_losses_use_the_right_reference():
-    """DNO (both variants) and SPPO step from π_t; DPO/IPO/XPO from π_ref; INPO uses both."""
+    """DNO (both variants) and SPPO step from π_t; DPO/IPO/XPO from π_ref; INPO and Nash-MD (its importance ratio
+    to π_t, unless clip_ratio is null) use both."""
     g = torch.Generator().manual_seed(0)
     lp = {f"{kind}_{seq}": -torch.rand(4, generator=g, dtype=torch.float64) * 3
           for kind in ("theta", "t", "ref") for seq in ("a", "b", "x")}
@@ -251,7 +252,9 @@ def test_algorithm_losses_use_the_right_reference():
                                                      0.1, y)),
         ("xpo", XPO(name="xpo", alpha=0.5), losses.xpo_loss(th("a"), th("b"), ref("a"), ref("b"), th("x"), 0.1,
                                                             0.5, y)),
-        ("nash_md", NashMD(name="nash_md"), losses.nash_md_loss(th("a"), ref("a"), y, 0.1)),
+        ("nash_md", NashMD(name="nash_md"), losses.nash_md_clipped_loss(th("a"), t("a"), ref("a"), y, 0.1, 0.125,
+                                                                         0.2)),
+        ("nash_md", NashMD(name="nash_md", clip_ratio=None), losses.nash_md_loss(th("a"), ref("a"), y, 0.1)),
     ]
     for name, cfg, expected in cases:
         algorithm = get_algorithm(name)

@@ -238,7 +238,10 @@ def _xpo(lp, batch, cfg):
 
 
 def _nash_md(lp, batch, cfg):
-    return losses.nash_md_loss(lp["theta_a"], lp["ref_a"], batch["target"], cfg.tau)
+    if cfg.clip_ratio is None:  # the on-policy surrogate: the config allows it one optimizer step per round only
+        return losses.nash_md_loss(lp["theta_a"], lp["ref_a"], batch["target"], cfg.tau)
+    return losses.nash_md_clipped_loss(lp["theta_a"], lp["t_a"], lp["ref_a"], batch["target"], cfg.tau, cfg.mixture,
+                                       cfg.clip_ratio)
 
 
 _PAIR = ("a", "b")
@@ -251,7 +254,8 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("dno", 0, 0, True, False, _PAIR, _plan_policy_pairs, _dno_records, _dno),
     Algorithm("inpo", 0, 0, True, True, _PAIR, _plan_policy_pairs, _pair_records, _inpo),
     Algorithm("xpo", 1, 0, False, True, ("a", "b", "x"), _plan_policy_pairs, _xpo_records, _xpo),
-    Algorithm("nash_md", 0, 1, False, True, ("a",), _plan_mixture_pairs, _nash_md_records, _nash_md),
+    # π_t for Nash-MD: the sampling policy of its importance ratio (the generators' log-probs in asynchronous rounds)
+    Algorithm("nash_md", 0, 1, True, True, ("a",), _plan_mixture_pairs, _nash_md_records, _nash_md),
 )}
 
 

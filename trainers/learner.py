@@ -213,16 +213,76 @@ class RoundData:
         return sum(len(self.columns[c][i]) for c in ("prompt_ids", "a_ids", "b_ids", "x_ids") for i in idx)
 
 
-def _score(scorer, model, data: RoundData, idx, keys: tuple[str, ...], prefix: str) -> dict:
-    """One forward over every sequence the loss needs (a, b, x stacked), split back per key."""
-    prompts, responses, sizes = [], [], []
+def prompt_groups(prompt_ids: list[list[int]]) -> list[np.ndarray]:
+    """Record indices grouped by prompt (equal token ids), in first-seen order. A prompt's K samples judged all-pairs
+    make K(K−1)/2 records over only K sequences, so the records of one prompt are scored and trained together."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, prompt in enumerate(prompt_ids):
+        groups.setdefault(tuple(prompt), []).append(row)
+    return [np.asarray(rows, dtype=np.int64) for rows in groups.values()]
+
+
+def pack_groups(groups: list[np.ndarray], min_records: int) -> list[np.ndarray]:
+    """Consecutive groups joined into micro-batches of whole groups, each closed once it holds at least
+    ``min_records`` records (the last may hold fewer): record indices per micro-batch."""
+    batches, current, size = [], [], 0
+    for group in groups:
+        current.append(group)
+        size += len(group)
+        if size >= min_records:
+            batches.append(np.concatenate(current))
+            current, size = [], 0
+    if current:
+        batches.append(np.concatenate(current))
+    return batches
+
+
+def unique_sequences(data: RoundData, idx, keys: tuple[str, ...]
+                     ) -> tuple[list[list[int]], list[list[int]], dict[str, np.ndarray]]:
+    """The distinct (prompt_ids, response_ids) that records ``idx`` need under ``keys`` (a, b, x), and for each key
+    the position of every record's sequence among them."""
+    position: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    prompts, responses, where = [], [], {}
     for key in keys:
-        p, r = data.sequences(key, idx)
-        prompts += p
-        responses += r
-        sizes.append(len(p))
-    logps = scorer(model, prompts, responses).double().split(sizes)
-    return {f"{prefix}_{key}": lp for key, lp in zip(keys, logps)}
+        rows = []
+        for i in idx:
+            prompt, response = data.columns["prompt_ids"][i], data.columns[f"{key}_ids"][i]
+            seen = position.setdefault((tuple(prompt), tuple(response)), len(prompts))
+            if seen == len(prompts):
+                prompts.append(prompt)
+                responses.append(response)
+            rows.append(seen)
+        where[key] = np.asarray(rows, dtype=np.int64)
+    return prompts, responses, where
+
+
+def _score(scorer, model, data: RoundData, idx, keys: tuple[str, ...], prefix: str) -> dict:
+    """One forward over the distinct sequences that records ``idx`` need (a, b, x together), each scored once and
+    indexed back per record and key. The indexing is part of the autograd graph: one backward through a sequence
+    serves every pair it is in, and the gradient equals scoring the records pair by pair."""
+    import torch
+    prompts, responses, where = unique_sequences(data, idx, keys)
+    logps = scorer(model, prompts, responses).double()
+    return {f"{prefix}_{key}": logps[torch.from_numpy(where[key])] for key in keys}
+
+
+def score_sequences(scorer, model, sequences: tuple[list, list, dict[str, np.ndarray]], prefix: str,
+                    forwards: int) -> dict:
+    """No-grad log-probs per record and key from ``unique_sequences``: the distinct sequences, ordered by length (a
+    forward's rows then pad little), scored in ``forwards`` forwards. Every rank must run the same number of forwards
+    of a DeepSpeed engine (ZeRO-3 gathers parameters across ranks in each): a rank with fewer distinct sequences
+    than ``forwards`` scores its first one again."""
+    import torch
+    prompts, responses, where = sequences
+    order = np.asarray(sorted(range(len(prompts)), key=lambda s: (len(prompts[s]) + len(responses[s]),
+                                                                   len(prompts[s]))), dtype=np.int64)
+    logps = torch.zeros(len(prompts), dtype=torch.float64)
+    for part in np.array_split(order, max(forwards, 1)):
+        part = part if len(part) else order[:1]
+        if len(part):
+            logps[torch.from_numpy(part)] = scorer(model, [prompts[s] for s in part],
+                                                   [responses[s] for s in part]).double()
+    return {f"{prefix}_{key}": logps[torch.from_numpy(rows)] for key, rows in where.items()}
 
 
 def _gathered_state_dict(engine, zero_stage: int) -> dict:
@@ -386,17 +446,22 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
     t_start = time.perf_counter()
     data = RoundData.from_shard(task["shards"][rank])
     mbs = learner_cfg["micro_batch_size"]
+    # A step trains whole prompt groups, so a prompt's pairs share one forward and one backward of its sequences;
+    # groups, not records, are shuffled each epoch.
+    groups = prompt_groups(data.columns["prompt_ids"])
+    plans = [pack_groups([groups[g] for g in rng.permutation(len(groups))], mbs)
+             for _ in range(learner_cfg["epochs_per_round"])]
     # Every worker must take the same number of optimizer steps (collectives in lockstep); every worker must also
     # take π_t from the same place, so the shards agree on whether any sample comes from an older policy.
     oldest = data.oldest_version()
-    shard_facts = torch.tensor([math.ceil(len(data) / mbs), oldest if not math.isnan(oldest) else 1e9])
+    shard_facts = torch.tensor([oldest if not math.isnan(oldest) else 1e9] + [len(plan) for plan in plans])
     dist.all_reduce(shard_facts, op=dist.ReduceOp.MIN)
-    steps_per_epoch = int(shard_facts[0].item())
+    steps_per_epoch = [int(steps) for steps in shard_facts[1:].tolist()]
     # π_t is the policy that generated the round. The learner holds it unless the round was generated while the
     # previous one trained (asynchronous rounds): then the generators' recorded log-probs of their samples stand in,
     # or, with the "learner" anchor, the learner's newest policy takes its place.
     learner_version = task["version"] - 1
-    pi_t_from_generators = (shard_facts[1].item() < learner_version and anchor == "generator"
+    pi_t_from_generators = (shard_facts[0].item() < learner_version and anchor == "generator"
                             and algorithm.needs_pi_t)
     pi_t_keys = tuple(k for k in keys if k != "x") if algorithm.needs_pi_t else ()
     # Ranking accuracy compares π_t with π_ref; where the loss needs no π_t (the DPO family) it costs one more
@@ -405,19 +470,23 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
     if ranked and not pi_t_keys:
         pi_t_keys = ("a", "b")
 
-    chunks: list[dict] = []  # π_t and π_ref log-probs, computed once, before the round's first update
+    # π_t and π_ref log-probs, computed once, before the round's first update: each distinct sequence scored once,
+    # at most as many per forward as a micro-batch of records has sequences.
+    every_record = np.arange(len(data))
+    fixed = {}
     engine.eval()
     with torch.no_grad():
-        for start in range(0, len(data), mbs):
-            idx = np.arange(start, min(start + mbs, len(data)))
-            lp = {}
-            if pi_t_keys:
-                lp.update(data.policy_logprobs(idx, pi_t_keys) if pi_t_from_generators
-                          else _score(scorer, engine, data, idx, pi_t_keys, "t"))
-            if algorithm.needs_ref:
-                lp.update(_score(scorer, reference, data, idx, keys, "ref"))
-            chunks.append(lp)
-    fixed = {name: torch.cat([c[name] for c in chunks]) for name in (chunks[0] if chunks else {})}
+        if pi_t_keys and pi_t_from_generators:
+            fixed.update(data.policy_logprobs(every_record, pi_t_keys))
+        elif pi_t_keys:
+            t_sequences = unique_sequences(data, every_record, pi_t_keys)
+            t_forwards = torch.tensor([math.ceil(len(t_sequences[0]) / (mbs * len(pi_t_keys)))])
+            dist.all_reduce(t_forwards, op=dist.ReduceOp.MAX)
+            fixed.update(score_sequences(scorer, engine, t_sequences, "t", int(t_forwards.item())))
+        if algorithm.needs_ref:
+            ref_sequences = unique_sequences(data, every_record, keys)
+            fixed.update(score_sequences(scorer, reference, ref_sequences, "ref",
+                                         math.ceil(len(ref_sequences[0]) / (mbs * len(keys)))))
     right, decided = (ranking_counts(fixed["t_a"], fixed["t_b"], fixed["ref_a"], fixed["ref_b"],
                                      data.columns["target"]) if ranked and len(data) else (0.0, 0))
     if not algorithm.needs_pi_t:  # computed for the ranking only: the loss must not see it
@@ -426,10 +495,8 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
 
     engine.train()
     losses, kls, tokens = [], [], 0
-    for _ in range(learner_cfg["epochs_per_round"]):
-        order = rng.permutation(len(data))
-        for step in range(steps_per_epoch):
-            idx = order[step * mbs:(step + 1) * mbs]
+    for plan, steps in zip(plans, steps_per_epoch):
+        for idx in plan[:steps]:
             lp = _score(scorer, engine, data, idx, keys, "theta")
             lp.update({name: values[torch.as_tensor(idx)] for name, values in fixed.items()})
             loss = algorithm.loss(lp, data.tensors(idx), algo_cfg).mean()
@@ -454,7 +521,7 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
         "ranking_accuracy": float(stats[6] / stats[7]) if stats[7] else None,
         "pi_t_from_generators": bool(pi_t_from_generators),
         "rows": int(stats[5]),
-        "steps": steps_per_epoch * learner_cfg["epochs_per_round"],
+        "steps": sum(steps_per_epoch),
         "loss": float(stats[0] / max(stats[1], 1)),
         "kl_to_ref": float(stats[2] / stats[3]) if stats[3] else None,
         "train_tokens": int(stats[4]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -19,12 +21,24 @@ def pad_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
     return input_ids, attention, scored
 
 
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters
+
+
 def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
                                 pad_id: int) -> torch.Tensor:
-    """Σ log π(y_t | x, y_<t) over each response's tokens, in float32 whatever the model's dtype; shape [B]."""
+    """Σ log π(y_t | x, y_<t) over each response's tokens, in float32 whatever the model's dtype; shape [B].
+
+    Logits are computed only from the shortest prompt's last token on (HF ``logits_to_keep``): the columns before it
+    predict prompt tokens, which no loss scores, and the LM head with its vocabulary-wide log-softmax is the widest
+    layer of a small model. log π(y_t) = logit[y_t] − logsumexp(logits), without a [B, T, V] log-softmax copy."""
     device = next(model.parameters()).device
     input_ids, attention, scored = (t.to(device) for t in pad_sequences(prompt_ids, response_ids, pad_id))
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    token_logp = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return (token_logp * scored[:, 1:]).sum(-1)
+    first = max(min(len(p) for p in prompt_ids) - 1, 0)  # the first column whose logits predict a response token
+    keep = input_ids.shape[1] - first
+    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+    # The last `keep` columns whether or not the model honoured logits_to_keep; the final one predicts past the end.
+    logits = model(input_ids=input_ids, attention_mask=attention, **extra).logits[:, -keep:-1].float()
+    targets = input_ids[:, first + 1:]
+    token_logp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logp * scored[:, first + 1:]).sum(-1)

@@ -106,6 +106,36 @@ def nash_md_loss(logp_y, ref_y, preference, tau: float) -> torch.Tensor:
 
     By the score-function identity ∇E_{y~π_θ}[f(y)] = E[f(y)∇log π_θ(y)] and E[∇log π_θ(y)] = 0, its expected gradient
     is −∇_θ[E_{y~π_θ} P(y ≻ π_mix) − τ·KL(π_θ‖π_ref)], with the mixture held fixed as the opponent: the ½ is a
-    baseline (it changes the variance, not the mean), and E[log(π_θ/π_ref)(y)∇log π_θ(y)] = ∇KL(π_θ‖π_ref)."""
+    baseline (it changes the variance, not the mean), and E[log(π_θ/π_ref)(y)∇log π_θ(y)] = ∇KL(π_θ‖π_ref).
+    The identity needs y ~ π_θ: the surrogate holds for one step at the sampling policy only (for more steps on the
+    same samples, :func:`nash_md_clipped_loss`)."""
     advantage = (_as_tensor(preference, logp_y) - 0.5) - tau * (logp_y - ref_y).detach()
     return -advantage * logp_y
+
+
+def nash_md_clipped_loss(logp_y, t_y, ref_y, preference, tau: float, mixture: float, clip: float) -> torch.Tensor:
+    """Nash-MD (Munos et al. 2023, arXiv 2312.00886) for several optimizer steps on one round's samples: y was drawn
+    from π_t (``t_y`` = log π_t(y), the policy that drew it), y' from the mixture π_mix = π_t^{1−β}·π_ref^{β}/Z
+    (β = ``mixture``), preference = P(y ≻ y'), with PPO's clipped importance ratio (Schulman et al. 2017,
+    arXiv 1707.06347):
+
+        r = exp(logp_y − t_y)
+        A = (preference − ½) − τ·sg(logp_y − ref_y) − κ·sg(logp_y − t_y),        κ = (1 − β)·τ/β
+        loss = −min(r·A, clip(r, 1 − ε, 1 + ε)·A)                                  (ε = ``clip``)
+
+    Inside the clip range, since E_{y~π_t}[r·f(y)] = E_{y~π_θ}[f(y)] and ∇r = r·∇logp, the expected gradient is
+    −∇_θ of F(θ) = P(π_θ ≻ π_mix) − τ·KL(π_θ‖π_ref) − κ·KL(π_θ‖π_t), the mixture held fixed. At θ = π_t (r = 1, the
+    round's first step) the κ term has zero gradient and this is exactly :func:`nash_md_loss`'s gradient. Setting
+    ∂F/∂π = const gives (τ + κ)·log π = P(· ≻ π_mix) + τ·log π_ref + κ·log π_t with τ + κ = τ/β, so F's maximiser is
+
+        π_{t+1} ∝ π_t^{1−β} · π_ref^{β} · exp(η·P(y ≻ π_mix)),     η = β/τ,
+
+    Nash-MD's mirror-descent step (its mixture coefficient is ητ = β), whose iterates converge in the last iterate.
+    Without the κ term, many steps on one round's samples would climb to the τ-regularised best response to π_mix,
+    which cycles on intransitive games; the clip keeps each sample's ratio, and with it the importance-weighted
+    estimate, within 1 ± ε of the sampling policy."""
+    kappa = (1 - mixture) * tau / mixture
+    ratio = torch.exp(logp_y - t_y)
+    advantage = ((_as_tensor(preference, logp_y) - 0.5) - tau * (logp_y - ref_y).detach()
+                 - kappa * (logp_y - t_y).detach())
+    return -torch.minimum(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)

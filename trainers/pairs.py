@@ -153,3 +153,24 @@ def fit_bradley_terry(k: int, judged: Judged, l2: float = 1e-3, tol: float = 1e-
     seen = np.zeros(k, dtype=bool)
     seen[i] = seen[j] = True
     return np.where(seen, s, np.nan)
+
+
+def cyclic_triads(k: int, judged: Judged) -> tuple[int, int]:
+    """(cyclic, decided) triads among ``k`` responses: a triad {i, j, l} is decided when all three of its pairs were
+    judged and none tied at ½, and cyclic when its decided preferences go round (i ≻ j ≻ l ≻ i or the reverse). A
+    Bradley-Terry (or any transitive) judge has no cyclic triad; how many a judge has is how far from it it is."""
+    _check_judged(k, judged)
+    beats = {}
+    for (i, j), p in judged.items():
+        if p != 0.5:
+            beats[(i, j)], beats[(j, i)] = bool(p > 0.5), bool(p < 0.5)  # numpy bools add as `or`
+    cyclic = decided = 0
+    for i in range(k):
+        for j in range(i + 1, k):
+            for m in range(j + 1, k):
+                if all(pair in beats for pair in ((i, j), (j, m), (i, m))):
+                    decided += 1
+                    # transitive iff one response beats both others; in a cycle each beats exactly one
+                    wins = [beats[(i, j)] + beats[(i, m)], beats[(j, i)] + beats[(j, m)], beats[(m, i)] + beats[(m, j)]]
+                    cyclic += int(max(wins) == 1)
+    return cyclic, decided

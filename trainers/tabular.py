@@ -277,7 +277,8 @@ def train_tabular(algorithm_cfg, game: Game, iterations: int, pairs_per_iteratio
         if records:
             if algorithm.mixture_samples:
                 optimizer.zero_grad()
-                lp = _log_probs(algorithm, batch, policy.log_probs(), None, log_ref)
+                log_pi = policy.log_probs()
+                lp = _log_probs(algorithm, batch, log_pi, log_pi.detach(), log_ref)
                 ((algorithm.loss(lp, batch, algorithm_cfg) * weights).sum() / weights.sum()).backward()
                 optimizer.step()
             else:
