@@ -14,7 +14,8 @@ RESULTS_DIR = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_PAGES = (ROOT / "README.md", ROOT / "docs" / "benchmarks.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ORDER = ("demo", "push", "generation", "learner", "end_to_end", "async_rounds", "scaling")
+ALGORITHMS = ("<!-- algorithms:begin -->", "<!-- algorithms:end -->")
+ORDER = ("demo", "algorithms", "feature_game", "mixture_sampling", "push", "generation", "learner", "end_to_end", "async_rounds", "scaling")
 
 
 def _fmt(x) -> str:
@@ -56,6 +57,29 @@ def machine_line(results: list[dict]) -> str:
             f"both cores busy).")
 
 
+def algorithms_table(result: dict) -> str:
+    """The tournament of ``algorithms.json``: one row per entrant, best mean win rate first."""
+    t = result["tournament"]
+    lines = ["| entrant | win rate vs initial (95 % CI) | mean win rate vs the field | exploitability in population "
+             "(best response) | KL to π_ref | response tokens |", "|---|---|---|---|---|---|"]
+    for row in sorted(result["table"], key=lambda r: -r["mean_win_rate"]):
+        vs = ("—" if row["win_rate_vs_initial"] is None else
+              f"{row['win_rate_vs_initial']:.2f} [{row['win_rate_vs_initial_low']:.2f}, "
+              f"{row['win_rate_vs_initial_high']:.2f}]")
+        kl = "—" if row["kl_to_ref"] is None else f"{'≤ ' if row['kl_is_upper_bound'] else ''}{row['kl_to_ref']:.2f}"
+        lines.append(f"| {row['entrant']} | {vs} | {row['mean_win_rate']:.3f} | "
+                     f"{row['exploitability_in_population']:.2f} ({row['best_response']}) | {kl} | "
+                     f"{row['mean_response_tokens']:.1f} |")
+    cyc = t["judge_intransitivity"]
+    members = "; ".join(f"{name}: agrees with the panel on {m['agreement_with_panel']:.0%} of its decided votes"
+                        for name, m in t["panel_members"].items() if m["agreement_with_panel"] is not None)
+    lines += ["", f"Judge: {t['comparisons']} comparisons on {result['prompts']} held-out prompts; "
+                  f"{cyc['cyclic_triads_share']:.1%} of the {cyc['decided_triads']} decided answer triads are cyclic "
+                  f"(a Bradley-Terry judge has none); {cyc['policy_level_cyclic_triads']} of "
+                  f"{cyc['policy_level_decided_triads']} entrant triads are cyclic in the win-rate matrix. {members}."]
+    return "\n".join(lines) + "\n"
+
+
 def render(results: list[dict]) -> str:
     return "\n\n".join([table(results), machine_line(results)]) + "\n"
 
@@ -69,12 +93,18 @@ def main() -> None:
               "number is measured, and what limits it, is in [docs/benchmarks.md](../../docs/benchmarks.md).\n\n"
               + block)
     (RESULTS_DIR / "README.md").write_text(readme)
+    blocks = {(BEGIN, END): block}
+    algorithms = RESULTS_DIR / "algorithms.json"
+    if algorithms.exists():
+        blocks[ALGORITHMS] = algorithms_table(json.loads(algorithms.read_text()))
     for page in TABLE_PAGES:
         text = page.read_text() if page.exists() else ""
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            page.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+        for (begin, end), content in blocks.items():
+            if begin in text and end in text:
+                head, rest = text.split(begin, 1)
+                _, tail = rest.split(end, 1)
+                text = f"{head}{begin}\n{content}{end}{tail}"
+        page.write_text(text)
     print(readme)
 
 

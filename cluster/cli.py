@@ -159,7 +159,7 @@ def cmd_eval(args) -> int:
     if args.prompts or campaign is None:
         prompts = load_prompts(args.prompts or "builtin:demo", args.prompt_field)
     else:  # the campaign's held-out split: prompts its policy never trained on
-        prompts = split_prompts(load_prompts(campaign.data.prompts, campaign.data.prompt_field),
+        prompts = split_prompts(load_prompts(campaign.data.prompts, campaign.data.prompt_field, campaign.data.split),
                                 campaign.data.eval_fraction, campaign.data.shuffle_seed).eval
     prompts = [p.as_dict() for p in prompts[:args.limit]]
     sampling = campaign.generators.sampling.model_dump() if campaign else {}

@@ -6,6 +6,9 @@ small mailbox actor: the driver posts "train round t on these dataset shards"; e
 the log-probs the algorithm needs (π_t before the round's first update, π_ref from a frozen copy), trains the
 configured epochs, and saves the round's checkpoint; rank 0 then posts the metrics and the encoded weights of version
 t+1, which the driver pushes to the generators.
+
+A prompt's records are scored and trained together: with K samples judged all-pairs, K(K−1)/2 records share K
+sequences, and each distinct (prompt, response) goes through each pass (π_t, π_ref, each training epoch) once.
 """
 
 from __future__ import annotations
