@@ -35,6 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, Run, setup_environment, summary_row  # noqa: E402
+from cluster.run_dir import RunDir  # noqa: E402
 
 ENTRIES = {
     "online_dpo": {"name": "online_dpo"},
@@ -100,7 +101,7 @@ def run_entry(name: str, config: dict, work: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return RunDir(run_dir).metrics()
 
 
 def entrant_answers(run_dirs: dict[str, Path], rounds: int, seed: int) -> tuple[dict, list[dict]]:
@@ -109,14 +110,14 @@ def entrant_answers(run_dirs: dict[str, Path], rounds: int, seed: int) -> tuple[
     ones (per prompt, the answer of a uniformly drawn round policy)."""
     import pyarrow.parquet as pq
     first = next(iter(run_dirs.values()))
-    baseline = pq.read_table(first / "eval" / "baseline.parquet").to_pylist()
+    baseline = pq.read_table(RunDir(first).eval_dir / "baseline.parquet").to_pylist()
     prompts = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"]} for b in baseline]
     answers = {"initial": {b["prompt_id"]: (b["response"], len(b["response_ids"])) for b in baseline}}
     rng = np.random.default_rng(seed)
     for name, run_dir in run_dirs.items():
         per_round = {}
         for t in range(rounds):
-            path = run_dir / "rounds" / str(t) / "eval.parquet"
+            path = RunDir(run_dir).round_dir(t) / "eval.parquet"
             if path.exists():
                 per_round[t] = {r["prompt_id"]: (r["response"], r["response_tokens"])
                                 for r in pq.read_table(path).to_pylist()}
@@ -241,11 +242,11 @@ def parse_args(argv=None, description: str = __doc__):
     parser.add_argument("--only", help="comma-separated entries (default: all)")
     parser.add_argument("--work", default="runs/bench-algorithms", help="where the campaigns' run dirs live")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--prompts-per-round", type=int, default=8)
+    parser.add_argument("--prompts-per-round", type=int, default=6)
     parser.add_argument("--k", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--eval-prompts", type=int, default=64)
-    parser.add_argument("--eval-fraction", type=float, default=0.2)
+    parser.add_argument("--eval-fraction", type=float, default=0.19)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", default="vllm", choices=["vllm", "hf"])

@@ -44,9 +44,10 @@ def initial_policy_figures(run_dir: Path) -> dict:
     import pyarrow.parquet as pq
 
     from cluster.evaluation import feature_game_metrics
+    from cluster.run_dir import RunDir
     from oracles.rules import build_rule
     rule = build_rule("cyclic", JUDGE["options"])
-    baseline = pq.read_table(run_dir / "eval" / "baseline.parquet").to_pylist()
+    baseline = pq.read_table(RunDir(run_dir).eval_dir / "baseline.parquet").to_pylist()
     classes = [rule.feature(b["response"]) for b in baseline]
     return feature_game_metrics(rule.feature_game(), classes, classes, np.zeros(len(classes)), 0.1)
 

@@ -87,8 +87,9 @@ def main() -> None:
     sides = {"vllm_mixture": lambda seed: call(vllm_engine, "mixture", seed),
              "hf_mixture": lambda seed: call(hf_engine, "mixture", seed),
              "vllm_policy": lambda seed: call(vllm_engine, "policy", seed)}
-    for call_side in sides.values():  # warm-up
-        call_side(0)
+    for name, call_side in sides.items():  # warm-up
+        tokens, timing = call_side(0)
+        print("warm-up", name, round(tokens / timing["wall_s"], 1), "tokens/s", flush=True)
     measured: dict[str, list[dict]] = {name: [] for name in sides}
     for repeat in range(args.repeats):
         for name, call_side in sides.items():

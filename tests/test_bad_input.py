@@ -616,3 +616,13 @@ def test_a_model_not_available_here_is_named_by_its_field(tiny_model_dir, tmp_pa
         with pytest.raises(ConfigError) as err:
             check_models(parse_config(config))
         assert str(err.value).startswith(named), err.value
+
+
+@pytest.mark.parametrize("config", [
+    {"algorithm": {"name": "nash_md", "clip_ratio": None},                             # one on-policy step a round
+     "schedule": {"prompts_per_round": 4, "samples_per_prompt": 2}, "learner": {"micro_batch_size": 8}},
+    {"algorithm": {"name": "nash_md"}, "learner": {"epochs_per_round": 30}},        # clipped ratios: many steps
+    {"algorithm": {"name": "nash_md"}, "schedule": {"async_rounds": True}},         # ratio to the generators' policy
+])
+def test_nash_md_configs_that_keep_its_assumptions_load(config):
+    parse_config({**config, "generators": {"engine": "hf"}})

@@ -132,8 +132,8 @@ def nash_md_clipped_loss(logp_y, t_y, ref_y, preference, tau: float, mixture: fl
 
     Nash-MD's mirror-descent step (its mixture coefficient is ητ = β), whose iterates converge in the last iterate.
     Without the κ term, many steps on one round's samples would climb to the τ-regularised best response to π_mix,
-    which cycles on intransitive games; the clip keeps each sample's ratio, and with it the importance-weighted
-    estimate, within 1 ± ε of the sampling policy."""
+    and rounds of best responses cycle on intransitive games; the clip keeps each sample's ratio, and with it the
+    importance-weighted estimate, within 1 ± ε of the sampling policy."""
     kappa = (1 - mixture) * tau / mixture
     ratio = torch.exp(logp_y - t_y)
     advantage = ((_as_tensor(preference, logp_y) - 0.5) - tau * (logp_y - ref_y).detach()

@@ -164,13 +164,18 @@ def cyclic_triads(k: int, judged: Judged) -> tuple[int, int]:
     for (i, j), p in judged.items():
         if p != 0.5:
             beats[(i, j)], beats[(j, i)] = bool(p > 0.5), bool(p < 0.5)  # numpy bools add as `or`
+    # Only judged pairs can close a triad: walk the edges, not all k³ triples (tabular rounds have thousands).
+    neighbours: dict[int, set[int]] = {}
+    for i, j in beats:
+        neighbours.setdefault(i, set()).add(j)
     cyclic = decided = 0
-    for i in range(k):
-        for j in range(i + 1, k):
-            for m in range(j + 1, k):
-                if all(pair in beats for pair in ((i, j), (j, m), (i, m))):
-                    decided += 1
-                    # transitive iff one response beats both others; in a cycle each beats exactly one
-                    wins = [beats[(i, j)] + beats[(i, m)], beats[(j, i)] + beats[(j, m)], beats[(m, i)] + beats[(m, j)]]
-                    cyclic += int(max(wins) == 1)
+    for i, j in beats:
+        if i >= j:
+            continue
+        for m in neighbours[i] & neighbours[j]:
+            if m > j:
+                decided += 1
+                # transitive iff one response beats both others; in a cycle each beats exactly one
+                wins = [beats[(i, j)] + beats[(i, m)], beats[(j, i)] + beats[(j, m)], beats[(m, i)] + beats[(m, j)]]
+                cyclic += int(max(wins) == 1)
     return cyclic, decided
