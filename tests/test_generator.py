@@ -136,7 +136,7 @@ def test_vllm_push_in_place_matches_transformers(vllm_generator, models):
     policy = vllm_generator.generate(PROMPTS, n=2)
     assert {r["version"] for r in policy} == {1}
     np.testing.assert_allclose([r["logprob"] for r in policy], hf_logprobs(pushed, policy), atol=1e-3)
-    # XPO's π_ref samples swap the initial weights in and the policy back out
+    # XPO's π_ref samples run the engine's frozen reference stack (actors/vllm_mixture.py); the policy is untouched
     reference = vllm_generator.generate(PROMPTS, n=2, source="ref")
     np.testing.assert_allclose([r["logprob"] for r in reference], hf_logprobs(ref, reference), atol=1e-3)
     np.testing.assert_allclose(vllm_generator.sequence_logprobs(prompt_ids, response_ids), after, atol=1e-5)
