@@ -134,7 +134,9 @@ def entrant_answers(run_dirs: dict[str, Path], rounds: int, seed: int) -> tuple[
 def tournament(answers: dict, prompts: list[dict], oracle: dict) -> dict:
     """Every pair of entrants on every prompt, judged by ``oracle`` in this process."""
     from actors.judge import JudgeActor
+    from cluster.driver import member_agreement, panel_member_names
     from cluster.evaluation import win_rate_interval
+    from oracles import oracle_config
     from trainers.pairs import cyclic_triads
     names = list(answers)
     judge = JudgeActor(oracle, None)
@@ -167,13 +169,11 @@ def tournament(answers: dict, prompts: list[dict], oracle: dict) -> dict:
         c, d = cyclic_triads(len(names), judged)
         cyclic, decided = cyclic + c, decided + d
     policy_triads = cyclic_triads(len(names), {(i, j): win[i, j] for i, j in pairs})
-    members = [f"{m}:{cfg.get('rule') or cfg['kind']}" for m, cfg in enumerate(oracle.get("members", []))]
+    members = panel_member_names(oracle_config(oracle))
     agreement = {}
     for m, member in enumerate(members):
-        agree = [(v["votes"][m] > 0.5) == (v["prob"] > 0.5) for v in votes
-                 if v["votes"] is not None and v["prob"] not in (None, 0.5) and v["votes"][m] not in (None, 0.5)]
         decided_votes = sum(v["votes"] is not None and v["votes"][m] not in (None, 0.5) for v in votes)
-        agreement[member] = {"agreement_with_panel": float(np.mean(agree)) if agree else None,
+        agreement[member] = {"agreement_with_panel": member_agreement(votes, m),
                              "decided_share": decided_votes / max(len(votes), 1)}
     llm_probs = [v["votes"][0] for v in votes if v["votes"] is not None and v["votes"][0] is not None]
     return {"entrants": names, "win_rate": win.tolist(), "win_rate_low": low.tolist(), "win_rate_high": high.tolist(),

@@ -143,11 +143,16 @@ def judge_statistics(rows: list[dict], judged: dict[str, dict], by_prompt: dict[
         cyclic, decided = cyclic + c, decided + d
     out = {"judge_cyclic_triads": cyclic / decided if decided else None, "judge_decided_triads": decided}
     for m, name in enumerate(member_names):
-        agree = [(r["votes"][m] > 0.5) == (r["prob"] > 0.5) for r in rows
-                 if r.get("votes") is not None and r["prob"] is not None and r["prob"] != 0.5
-                 and r["votes"][m] is not None and r["votes"][m] != 0.5]
-        out[f"judge_agreement/{name}"] = float(np.mean(agree)) if agree else None
+        out[f"judge_agreement/{name}"] = member_agreement(rows, m)
     return out
+
+
+def member_agreement(verdicts: list[dict], m: int) -> float | None:
+    """Share of the verdicts where panel member ``m`` and the panel both decided (≠ ½) and agreed; None if none."""
+    agree = [(v["votes"][m] > 0.5) == (v["prob"] > 0.5) for v in verdicts
+             if v.get("votes") is not None and v["prob"] is not None and v["prob"] != 0.5
+             and v["votes"][m] is not None and v["votes"][m] != 0.5]
+    return float(np.mean(agree)) if agree else None
 
 
 def group_by_prompt(samples: list[dict]) -> dict[str, list[dict]]:

@@ -202,6 +202,7 @@ class Cyclic(RuleOracle):
             options.update(feature=feature, bins=bins)
         super().__init__(**options)
         self.classes, self.strength, self.feature_name, self.bins = classes, float(strength), feature, bins
+        self._game = self.feature_game()
         if feature == "sentiment":
             from oracles.sentiment import sentiment_class
             self._sentiment = sentiment_class
@@ -223,7 +224,7 @@ class Cyclic(RuleOracle):
         return 0.5 + 0.5 * self.strength * (wins.astype(float) - losses.astype(float))
 
     def prefer(self, prompt, a, b):
-        return float(self.feature_game()[self.feature(a), self.feature(b)])
+        return float(self._game[self.feature(a), self.feature(b)])
 
 
 RULES: dict[str, Callable[..., RuleOracle]] = {
