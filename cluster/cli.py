@@ -91,7 +91,8 @@ def cmd_run(args) -> int:
     cfg = (load_config(RunDir(args.resume).config_path, overrides) if args.resume
            else load_config(args.config, overrides))
     check_models(cfg)
-    run = run_campaign(args.config, resume=args.resume, overrides=overrides, progress=Progress(cfg.schedule.rounds))
+    run = run_campaign(args.config, resume=args.resume, overrides=overrides, progress=Progress(cfg.schedule.rounds),
+                       quiet=not args.verbose)
     from cluster.report import build_report
     report = build_report(run.root)  # every campaign ends with its report
     print(f"campaign finished: {run.root}\nreport: {report.path}")
@@ -191,7 +192,9 @@ def cmd_eval(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nashray", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true", help="print the traceback of an input error too")
+    common.add_argument("--verbose", action="store_true",
+                        help="show Ray's, vLLM's and DeepSpeed's output on the console (by default it goes to "
+                             "RUN_DIR/logs/), and the traceback of an input error")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", parents=[common], help="run a campaign (no CONFIG: the embedded SmolLM2 demo)")
     run.add_argument("config", nargs="?", help="campaign YAML")

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -421,8 +422,10 @@ def _eval_summary(m: dict) -> str:
 
 
 def run_campaign(config_path: str | None = None, resume: str | None = None, overrides: dict | None = None,
-                 progress: Progress | None = None) -> RunDir:
-    """Start (or resume) a campaign and run it to its last round; returns its run directory."""
+                 progress: Progress | None = None, quiet: bool = False) -> RunDir:
+    """Start (or resume) a campaign and run it to its last round; returns its run directory. ``quiet``: only the
+    progress lines reach the terminal; Ray's, vLLM's and DeepSpeed's output goes to RUN_DIR/logs/."""
+    from cluster.console import link_ray_logs, quiet_console
     from cluster.ray_util import init_local_ray
 
     if resume:
@@ -448,13 +451,19 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         state = run.read_state()
     campaign = Campaign(cfg, run, progress)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the campaign prints its own progress
-    init_local_ray(num_cpus=_local_cpus(cfg), object_store_gib=cfg.cluster.object_store_gib,
-                   address=cfg.cluster.address, bind_host=cfg.cluster.bind_host)
-    roles = campaign.start_roles(state)
-    try:
-        campaign.run_rounds(roles, state)
-    finally:
-        roles.shutdown()
+    log_dir = run.root / "logs"
+    with quiet_console(log_dir) if quiet else nullcontext() as console:
+        if console is not None:
+            campaign.progress.stream = console
+            campaign.progress.note(f"logs (Ray, vLLM, DeepSpeed): {log_dir}/")
+        init_local_ray(num_cpus=_local_cpus(cfg), object_store_gib=cfg.cluster.object_store_gib,
+                       address=cfg.cluster.address, bind_host=cfg.cluster.bind_host, log_to_driver=not quiet)
+        link_ray_logs(log_dir)
+        roles = campaign.start_roles(state)
+        try:
+            campaign.run_rounds(roles, state)
+        finally:
+            roles.shutdown()
     return run
 
 

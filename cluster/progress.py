@@ -27,6 +27,9 @@ class Progress:
         if not self.quiet:
             print(line, file=self.stream, flush=True)
 
+    def note(self, line: str) -> None:
+        self._print(line)
+
     @contextmanager
     def phase(self, name: str, t: int):
         self._print(f"[round {t}] {name} …")

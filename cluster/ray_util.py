@@ -9,8 +9,10 @@ LOOPBACK = "127.0.0.1"
 
 
 def init_local_ray(num_cpus: int | None = None, object_store_gib: float = 1.0, temp_dir: str | None = None,
-                   address: str | None = None, bind_host: str = LOOPBACK, runtime_env: dict | None = None):
-    """Join ``address`` if given, else start a local cluster that listens on ``bind_host`` only.
+                   address: str | None = None, bind_host: str = LOOPBACK, runtime_env: dict | None = None,
+                   log_to_driver: bool = True):
+    """Join ``address`` if given, else start a local cluster that listens on ``bind_host`` only. ``log_to_driver``
+    False leaves the actors' output in Ray's session logs instead of echoing it here.
 
     Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray listens on the machine's interface address even when told
     127.0.0.1; a private temp dir keeps a killed cluster's current-cluster file from hanging the next ``ray.init``."""
@@ -23,10 +25,10 @@ def init_local_ray(num_cpus: int | None = None, object_store_gib: float = 1.0, t
         return ray
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for the job's driver
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return ray
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="nashray-ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus, object_store_memory=int(object_store_gib * 2**30), _temp_dir=temp_dir,
              _node_ip_address=bind_host, include_dashboard=False, runtime_env=runtime_env,
-             configure_logging=True, log_to_driver=True)
+             configure_logging=True, log_to_driver=log_to_driver)
     return ray

@@ -550,8 +550,9 @@ def _nashray(*argv: str, env: dict | None = None):
     import os
     import subprocess
     import sys
+    env = {key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None}  # None: unset
     return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+                          timeout=300, env=env)
 
 
 @pytest.mark.parametrize("case", ["prompt file", "model path"])
@@ -575,6 +576,35 @@ def test_nashray_run_names_the_bad_input_in_one_line(tiny_model_dir, tmp_path, c
         verbose = _nashray("run", str(config), "--verbose")
         assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
         assert verbose.stderr.splitlines()[-1] == f"nashray run: {named}"
+
+
+@pytest.mark.ray
+def test_nashray_run_console_holds_only_the_projects_lines(tmp_path):
+    """A whole (tabular) campaign through `nashray run`: the terminal gets the progress lines and the result, while
+    Ray's, Ray Train's and DeepSpeed's output lands in RUN_DIR/logs/driver.log and the actors' in RUN_DIR/logs/ray;
+    ``--verbose`` puts the actors' output back on the console."""
+    import re
+    config = tmp_path / "campaign.yaml"
+    config.write_text(yaml.safe_dump({
+        "algorithm": {"name": "inpo"},
+        "generators": {"count": 1, "engine": "tabular", "resources": {"num_cpus": 0.5}},
+        "judges": {"count": 1, "oracle": {"kind": "matrix"}, "resources": {"num_cpus": 0.5}},
+        "learner": {"workers": 1, "precision": "fp32", "threads_per_worker": 1},
+        "data": {"game": "builtin:rps"},
+        "schedule": {"rounds": 1, "prompts_per_round": 1, "samples_per_prompt": 8},
+        "storage": {"run_dir": str(tmp_path / "run")}}))
+    done = _nashray("run", str(config), env={"RAY_ADDRESS": None})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = re.compile(r"^(\[round \d+\] |round \d+ \(|logs \(Ray, vLLM, DeepSpeed\): |campaign finished: |report: )")
+    lines = (done.stdout + done.stderr).splitlines()
+    assert lines and all(ours.match(line) for line in lines), [line for line in lines if not ours.match(line)]
+    logs = tmp_path / "run" / "logs"
+    assert "Ray" in (logs / "driver.log").read_text()          # the driver's own Ray/Train output went there
+    assert (logs / "ray").is_symlink() and any((logs / "ray").glob("worker-*.out"))
+    verbose = _nashray("run", "--resume", str(tmp_path / "run"), "--set", "schedule.rounds=2", "--verbose",
+                       env={"RAY_ADDRESS": None})
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert any(not ours.match(line) for line in (verbose.stdout + verbose.stderr).splitlines())
 
 
 def test_a_yaml_syntax_error_names_the_file_and_line_on_one_line(tmp_path):

@@ -20,8 +20,8 @@ def rounds_of(run_dir) -> list[int]:
     return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("async_rounds,anchor,rounds", [(False, "generator", 10), (True, "learner", 16),
-                                                        (True, "generator", 24)],
+@pytest.mark.parametrize("async_rounds,anchor,rounds", [(False, "generator", 8), (True, "learner", 16),
+                                                        (True, "generator", 21)],
                          ids=["sync", "one-step-off-learner-anchor", "one-step-off-generator-anchor"])
 def test_tabular_rps_inpo_reaches_regularised_nash(ray_cluster, tmp_path, async_rounds, anchor, rounds):
     """Generator actors sample actions, judge actors draw Bernoulli(P) verdicts, the Ray Train learner trains INPO.
@@ -193,7 +193,7 @@ NASH_MD_LEARNERS = {
 }
 
 
-@pytest.mark.parametrize("learner,rounds", [("many_epochs", 18), ("one_step", 18)])
+@pytest.mark.parametrize("learner,rounds", [("many_epochs", 16), ("one_step", 14)])
 def test_tabular_rps_nash_md_reaches_regularised_nash(ray_cluster, tmp_path, learner, rounds):
     """Nash-MD (β = 0.125, τ = 0.1) through the whole pipeline: generator actors sample π_t and the mixture
     π_t^{1−β}·π_ref^{β}, judges draw Bernoulli(P) verdicts, the learner trains its clipped loss. With many epochs a

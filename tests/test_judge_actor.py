@@ -69,7 +69,7 @@ def test_dropped_verdicts_are_retried_a_bounded_number_of_times(ray_cluster, sta
     rows = ray.get(judge.judge.remote([{"prompt": "Tell me a story.", "a": "1", "b": "2"},
                                        {"prompt": "What is 2+3?", "a": "5", "b": "6"}]))
     assert rows[0]["prob"] is None and "not a 'What is <expression>?' question" in rows[0]["reason"]
-    assert rows[1] == {"prob": 1.0, "reason": None, "cached": False}
+    assert rows[1] == {"prob": 1.0, "reason": None, "cached": False, "votes": None}   # a single judge casts no panel votes
     assert ray.get(judge.calls.remote()) == 2 + 2   # both once, the dropped one twice more
 
 
