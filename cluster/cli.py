@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
@@ -82,19 +83,22 @@ def check_models(cfg) -> None:
 
 def cmd_run(args) -> int:
     from cluster.config import load_config
+    from cluster.console import QuietConsole
     from cluster.driver import run_campaign
     from cluster.progress import Progress
+    from cluster.report import build_report
     from cluster.run_dir import RunDir
     overrides = _overrides(args.set)
     if args.run_dir:
         overrides["storage.run_dir"] = args.run_dir
-    cfg = (load_config(RunDir(args.resume).config_path, overrides) if args.resume
-           else load_config(args.config, overrides))
-    check_models(cfg)
-    run = run_campaign(args.config, resume=args.resume, overrides=overrides, progress=Progress(cfg.schedule.rounds),
-                       quiet=not args.verbose)
-    from cluster.report import build_report
-    report = build_report(run.root)  # every campaign ends with its report
+    # Without --verbose the libraries' output (model conversion, Ray, vLLM, DeepSpeed) goes to RUN_DIR/logs/.
+    with QuietConsole() if not args.verbose else nullcontext() as console:
+        cfg = (load_config(RunDir(args.resume).config_path, overrides) if args.resume
+               else load_config(args.config, overrides))
+        check_models(cfg)
+        progress = Progress(cfg.schedule.rounds, stream=console.stream if console else None)
+        run = run_campaign(args.config, resume=args.resume, overrides=overrides, progress=progress, console=console)
+        report = build_report(run.root)  # every campaign ends with its report
     print(f"campaign finished: {run.root}\nreport: {report.path}")
     return 0
 

@@ -351,6 +351,17 @@ class OptimizerConfig(Strict):
     grad_clip: float = Field(1.0, gt=0)
 
 
+class LoraConfig(Strict):
+    """Low-rank adapters (peft) on the policy's linear layers: only they train, π_ref is the same model with its
+    adapters switched off (no second copy in memory), pushes and checkpoints carry the merged weights, checkpoints
+    the adapters too (``adapter/``, loadable by peft and by vLLM's LoRA support)."""
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or every linear layer but the LM head")
+
+
 class LearnerConfig(Strict):
     workers: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
@@ -365,6 +376,7 @@ class LearnerConfig(Strict):
     timeout_s: float = Field(1800, gt=0, description="a round not trained by then is a failure")
     max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last round checkpoint) that "
                                                    "Ray Train may make per campaign")
+    lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of every weight")
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -501,6 +513,9 @@ class CampaignConfig(Strict):
                              "and learner.zero_stage 0–2")
         if tabular and self.judges.oracle.kind != "matrix":
             raise ValueError("generators.engine 'tabular' needs judges.oracle.kind 'matrix'")
+        if self.learner.lora is not None and (tabular or self.learner.zero_stage == 3):
+            raise ValueError("learner.lora adapts a language model's linear layers held whole on each worker: it "
+                             "needs an LLM generators.engine and learner.zero_stage 0–2")
         if self.judges.oracle.kind == "matrix" and not tabular:
             raise ValueError("judges.oracle.kind 'matrix' judges tabular responses only: set generators.engine")
         if self.evaluation.oracle is not None and (tabular or self.evaluation.oracle.kind == "matrix"):

@@ -1,42 +1,69 @@
 """A quiet console for `nashray run`: the project's own lines on the terminal, everything else under RUN_DIR/logs/.
 
-Ray, Ray Train, Ray Data, vLLM and DeepSpeed write to the process's file descriptors 1 and 2 — from Python loggers,
-C++ and child processes alike — so the redirect is done on the descriptors, not on ``sys.stdout``. The actors' own
-output stays in Ray's session logs (``log_to_driver=False``), reached through ``RUN_DIR/logs/ray``."""
+Ray, Ray Train, Ray Data, vLLM, DeepSpeed and transformers write to the process's file descriptors 1 and 2 — from
+Python loggers, C++ and child processes alike — so the redirect is done on the descriptors, not on ``sys.stdout``.
+Until the run directory exists (the model check, loading the config) the output collects in a temporary file that
+then moves into it. The actors' own output stays in Ray's session logs (``log_to_driver=False``), reached through
+``RUN_DIR/logs/ray``."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from contextlib import contextmanager
+import tempfile
 from pathlib import Path
 
 DRIVER_LOG = "driver.log"
 
 
-@contextmanager
-def quiet_console(log_dir: Path):
-    """Send fds 1 and 2 to ``log_dir/driver.log`` while inside; yields a text stream on the original terminal (the
-    caller's stderr) for progress lines. Both descriptors are restored on the way out, exceptions included, so an
-    error raised inside reaches the user on the terminal."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
-    with open(log_dir / DRIVER_LOG, "ab", buffering=0) as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield console
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            console.close()
+class QuietConsole:
+    """While entered, fds 1 and 2 go to a log file; ``stream`` writes to the terminal (the original stderr). Both
+    descriptors are restored on the way out, exceptions included, so an error raised inside reaches the user."""
+
+    def __init__(self):
+        self.stream = None
+        self.log_path: Path | None = None
+        self._saved: tuple[int, int] | None = None
+
+    def __enter__(self) -> "QuietConsole":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = os.dup(1), os.dup(2)
+        self.stream = os.fdopen(os.dup(self._saved[1]), "w", buffering=1)
+        fd, path = tempfile.mkstemp(prefix="nashray-driver-", suffix=".log")
+        self._point_at(fd)
+        self.log_path = Path(path)
+        return self
+
+    def _point_at(self, fd: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+    def move_to(self, log_dir: Path) -> Path:
+        """Go on writing in ``log_dir/driver.log``, after what was written so far."""
+        log_dir.mkdir(parents=True, exist_ok=True)
+        target = log_dir / DRIVER_LOG
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        with open(self.log_path, "rb") as early, open(fd, "ab", closefd=False) as out:
+            shutil.copyfileobj(early, out)
+        self._point_at(fd)
+        self.log_path.unlink(missing_ok=True)
+        self.log_path = target
+        return target
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for target, saved in zip((1, 2), self._saved):
+            os.dup2(saved, target)
+            os.close(saved)
+        self.stream.close()
+        if self.log_path is not None and self.log_path.name != DRIVER_LOG:  # no run dir was made: nothing to keep
+            self.log_path.unlink(missing_ok=True)
 
 
 def link_ray_logs(log_dir: Path) -> Path | None:
@@ -49,6 +76,7 @@ def link_ray_logs(log_dir: Path) -> Path | None:
     target = Path(node.get_logs_dir_path())
     if not target.is_dir():  # a remote cluster's head: its logs are on that host (and in `ray job logs`)
         return None
+    log_dir.mkdir(parents=True, exist_ok=True)
     link = log_dir / "ray"
     if link.is_symlink() or link.exists():
         link.unlink()

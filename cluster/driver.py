@@ -18,7 +18,6 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from cluster.actor_pool import ActorPool
 from cluster.config import CampaignConfig, dump_config, load_config
+from cluster.console import QuietConsole, link_ray_logs
 from cluster.metrics import RoundLoggers
 from cluster.progress import Progress
 from cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_campaign_prompts
@@ -422,10 +422,10 @@ def _eval_summary(m: dict) -> str:
 
 
 def run_campaign(config_path: str | None = None, resume: str | None = None, overrides: dict | None = None,
-                 progress: Progress | None = None, quiet: bool = False) -> RunDir:
-    """Start (or resume) a campaign and run it to its last round; returns its run directory. ``quiet``: only the
-    progress lines reach the terminal; Ray's, vLLM's and DeepSpeed's output goes to RUN_DIR/logs/."""
-    from cluster.console import link_ray_logs, quiet_console
+                 progress: Progress | None = None, console: QuietConsole | None = None) -> RunDir:
+    """Start (or resume) a campaign and run it to its last round; returns its run directory. With a ``console``
+    (`nashray run` without ``--verbose``) the driver's output moves into RUN_DIR/logs/ and the actors' stays in Ray's
+    logs: the terminal shows only the progress lines."""
     from cluster.ray_util import init_local_ray
 
     if resume:
@@ -450,20 +450,19 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         run.create(dump_config(cfg))
         state = run.read_state()
     campaign = Campaign(cfg, run, progress)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the campaign prints its own progress
     log_dir = run.root / "logs"
-    with quiet_console(log_dir) if quiet else nullcontext() as console:
-        if console is not None:
-            campaign.progress.stream = console
-            campaign.progress.note(f"logs (Ray, vLLM, DeepSpeed): {log_dir}/")
-        init_local_ray(num_cpus=_local_cpus(cfg), object_store_gib=cfg.cluster.object_store_gib,
-                       address=cfg.cluster.address, bind_host=cfg.cluster.bind_host, log_to_driver=not quiet)
-        link_ray_logs(log_dir)
-        roles = campaign.start_roles(state)
-        try:
-            campaign.run_rounds(roles, state)
-        finally:
-            roles.shutdown()
+    if console is not None:
+        console.move_to(log_dir)
+        campaign.progress.note(f"logs (Ray, vLLM, DeepSpeed): {log_dir}/")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # the campaign prints its own progress
+    init_local_ray(num_cpus=_local_cpus(cfg), object_store_gib=cfg.cluster.object_store_gib,
+                   address=cfg.cluster.address, bind_host=cfg.cluster.bind_host, log_to_driver=console is None)
+    link_ray_logs(log_dir)
+    roles = campaign.start_roles(state)
+    try:
+        campaign.run_rounds(roles, state)
+    finally:
+        roles.shutdown()
     return run
 
 

@@ -146,7 +146,9 @@ class SequenceScorer:
 
 
 def build_policy(config: dict):
-    """(policy module, reference module or None, scorer, tokenizer or None) for a campaign config."""
+    """(policy module, reference module or None, scorer, tokenizer or None) for a campaign config; no reference
+    module for a LoRA policy, whose π_ref is its own forward with the adapters off."""
+    from trainers.lora import add_adapters
     from trainers.models import load_causal_lm, load_tokenizer
     model_cfg = config["model"]
     if config["generators"]["engine"] == "tabular":
@@ -157,9 +159,13 @@ def build_policy(config: dict):
         return (TabularPolicy(game.pi_ref).float(), TabularPolicy(game.pi_ref).float(), SequenceScorer(tabular=True),
                 None)
     tokenizer = load_tokenizer(model_cfg["path"])
+    scorer = SequenceScorer(tabular=False, pad_id=tokenizer.pad_token_id)
     policy = load_causal_lm(model_cfg["path"], "float32", model_cfg["trust_remote_code"])
+    lora = config["learner"]["lora"]
+    if lora is not None:  # π_ref is the policy with its adapters off (AdaptersOff, once the engine exists)
+        return add_adapters(policy, lora), None, scorer, tokenizer
     reference = load_causal_lm(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
-    return policy, reference, SequenceScorer(tabular=False, pad_id=tokenizer.pad_token_id), tokenizer
+    return policy, reference, scorer, tokenizer
 
 
 @dataclass
@@ -291,7 +297,11 @@ def score_sequences(scorer, model, sequences: tuple[list, list, dict[str, np.nda
 def _gathered_state_dict(engine, zero_stage: int) -> dict:
     """The full module state dict (all ranks must call this under ZeRO-3; only rank 0's result is used)."""
     import deepspeed
+
+    from trainers.lora import is_adapted, merged_state_dict
     module = engine.module
+    if is_adapted(module):  # ZeRO-3 is refused with LoRA at config load: the weights are whole here
+        return merged_state_dict(module)
     if zero_stage == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -310,7 +320,11 @@ def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, 
     engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
     dist.barrier()
     if rank == 0:
+        from trainers.lora import ADAPTER_DIR, is_adapted
         module = engine.module
+        if is_adapted(module):  # the adapters for peft and vLLM; the merged model below for everything else
+            module.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+            module = module.get_base_model()
         if hasattr(module, "save_pretrained"):
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if tokenizer is not None:
@@ -359,6 +373,9 @@ def learner_loop(loop_config: dict) -> None:
         optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], learner_cfg["optimizer"])
         engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                           config=deepspeed_config(learner_cfg, world))
+        if reference is None:  # a LoRA policy
+            from trainers.lora import AdaptersOff
+            reference = AdaptersOff(engine)
         # The newest complete round checkpoint, looked up at every (re)start: after Ray Train restarts a failed worker
         # group, the workers continue from the last round that finished, not from where the campaign began.
         resume_from = newest_checkpoint(Path(loop_config["checkpoints"]))

@@ -22,7 +22,9 @@ def pad_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
 
 
 def _takes_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    module = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft passes kwargs through
+    return "logits_to_keep" in inspect.signature(module.forward).parameters
 
 
 def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],

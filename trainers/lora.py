@@ -1,0 +1,60 @@
+"""LoRA through peft: the adapted policy, π_ref as the same model with its adapters off, merged weights out.
+
+The generators, checkpoints' ``model.safetensors`` and exports keep the plain HF layout (W + ΔW for every adapted
+weight), so nothing downstream of the learner needs to know adapters exist; the adapters themselves are saved beside
+them for peft and vLLM's LoRA loading."""
+
+from __future__ import annotations
+
+ADAPTER_DIR = "adapter"
+
+
+def add_adapters(model, lora: dict):
+    """``model`` wrapped by peft with fresh LoRA adapters (B = 0: the wrapped model computes exactly what it did);
+    only the adapters require grad."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_adapted(module) -> bool:
+    from peft import PeftModel
+    return isinstance(module, PeftModel)
+
+
+class AdaptersOff:
+    """π_ref for a LoRA policy: its forward with the adapters switched off, i.e. the frozen base weights the
+    campaign started from, without holding a second copy of the model."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = engine.module.get_base_model()  # what the scorer inspects for the forward's signature
+
+    def parameters(self):
+        return self.engine.module.parameters()
+
+    def __call__(self, **inputs):
+        with self.engine.module.disable_adapter():
+            return self.engine(**inputs)
+
+
+def merged_state_dict(peft_model) -> dict:
+    """The base model's state dict under its HF names, each adapted weight W replaced by W + ΔW (computed in
+    float32, stored in W's dtype); the adapters themselves are left out. The model is not modified: merging in place
+    and unmerging would round the base weights a little each round in bf16."""
+    from peft.tuners.lora import LoraLayer
+    base = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    deltas = {f"{name}.weight": module.get_delta_weight(adapter)
+              for name, module in base.named_modules() if isinstance(module, LoraLayer) and adapter in module.lora_A}
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        value = value.detach().cpu()
+        if key in deltas:
+            value = (value.float() + deltas[key].detach().float().cpu()).to(value.dtype)
+        state[key] = value
+    return state
