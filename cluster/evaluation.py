@@ -255,7 +255,8 @@ def _baseline_paths(campaign):
 
 def ensure_baseline(campaign, roles) -> None:
     """The initial policy's answers to the held-out prompts, generated once before the first update, with their
-    log π_ref scored by the same generators (which still hold the initial weights, π_ref)."""
+    log π_ref scored by the learner (whose forward keeps only the response positions' logits; vLLM's prompt
+    log-probs compute the LM head at every prompt token, minutes for 64 answers on 2 cores)."""
     from cluster.driver import generate
     path, info_path = _baseline_paths(campaign)
     cfg = campaign.cfg
@@ -264,7 +265,7 @@ def ensure_baseline(campaign, roles) -> None:
     prompts = [p.as_dict() for p in campaign.split.eval[:cfg.evaluation.prompts]]
     baseline = generate(roles, prompts, 1, "policy")
     scored = [s for s in baseline if s["response_ids"]]
-    ref = dict(zip(((s["prompt_id"]) for s in scored), _sequence_logprobs(roles, scored)))
+    ref = dict(zip(((s["prompt_id"]) for s in scored), _learner_logprobs(roles, scored)["reference"]))
     for sample in baseline:
         sample["ref_logprob"] = ref.get(sample["prompt_id"])
     atomic_write_json(info_path, {"model_path": cfg.model.path, "plain_sampling": _plain_sampling(cfg),
@@ -272,16 +273,12 @@ def ensure_baseline(campaign, roles) -> None:
     write_table(path, baseline)
 
 
-def _sequence_logprobs(roles, samples: list[dict]) -> list[float]:
-    """log π(y | x) of each sample under the generators' loaded weights, spread over the generators."""
-    n = len(roles.generators)
-    chunks = [([s["prompt_ids"] for s in samples[i::n]], [s["response_ids"] for s in samples[i::n]])
-              for i in range(n) if samples[i::n]]
-    parts = roles.generators.map("sequence_logprobs", chunks, "eval log-probs")
-    out = [0.0] * len(samples)
-    for i, part in enumerate(parts):
-        out[i::n] = part
-    return out
+def _learner_logprobs(roles, samples: list[dict]) -> dict[str, list[float]]:
+    """``{"policy": [...], "reference": [...]}``: log π_θ(y | x) and log π_ref(y | x) of each sample, from the learner,
+    which holds both with the same numerics."""
+    if not samples:
+        return {"policy": [], "reference": []}
+    return roles.learner.sequence_logprobs([s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples])
 
 
 def _eval_judges(campaign, roles):
@@ -338,16 +335,17 @@ def evaluate_round(campaign, roles, push) -> dict:
                     if "win_rate_vs_initial" in key})
 
     scored = [b for b in baseline if b.get("ref_logprob") is not None]
-    policy_logprobs = _sequence_logprobs(roles, scored) if scored else []
+    # One learner call scores π_θ's fresh answers (both log-probs) and π_ref's baseline answers (π_θ's log-prob).
+    kl_answers = answers if info.get("plain_sampling") else []
+    both = _learner_logprobs(roles, kl_answers + scored)
+    policy_logprobs = both["policy"][len(kl_answers):]
     if scored and info.get("plain_sampling"):
         out["eval_kl_ref_to_policy"] = float(np.mean([b["ref_logprob"] - lp
                                                       for b, lp in zip(scored, policy_logprobs)]))
     kl_terms = None
-    if info.get("plain_sampling") and answers:
-        # KL(π_θ ‖ π_ref), the divergence the algorithms regularise: π_θ's own fresh answers, both log-probs from the
-        # learner (which holds π_θ and π_ref with the same numerics; the generators' engine may differ from it).
-        both = roles.learner.sequence_logprobs([s["prompt_ids"] for s in answers], [s["response_ids"] for s in answers])
-        kl_terms = np.subtract(both["policy"], both["reference"])
+    if kl_answers:
+        # KL(π_θ ‖ π_ref), the divergence the algorithms regularise, over π_θ's own fresh answers.
+        kl_terms = np.subtract(both["policy"][:len(kl_answers)], both["reference"][:len(kl_answers)])
         out["eval_kl_policy_to_ref"] = float(np.mean(kl_terms))
     feature_rule = declared_feature_game(campaign.cfg.evaluation.oracle or campaign.cfg.judges.oracle)
     if feature_rule is not None:

@@ -30,6 +30,7 @@ STOP = "stop"
 WEIGHTS = "weights"
 SCORE = "score"
 BROADCAST = "broadcast"
+SCORE_CHUNK = 16  # sequences per forward of a SCORE task
 CHECKPOINT_DONE = "COMPLETE"
 
 
@@ -406,8 +407,11 @@ def learner_loop(loop_config: dict) -> None:
             if task["kind"] == SCORE:  # every rank runs the forward (ZeRO-3 gathers across them); rank 0 answers
                 with torch.no_grad():
                     engine.eval()
-                    scored = {"policy": scorer(engine, task["prompt_ids"], task["response_ids"]).double().tolist(),
-                              "reference": scorer(reference, task["prompt_ids"], task["response_ids"]).double().tolist()}
+                    scored = {"policy": [], "reference": []}
+                    for n in range(0, len(task["prompt_ids"]), SCORE_CHUNK):  # bounds the [B, T, vocab] logits
+                        part = task["prompt_ids"][n:n + SCORE_CHUNK], task["response_ids"][n:n + SCORE_CHUNK]
+                        scored["policy"] += scorer(engine, *part).double().tolist()
+                        scored["reference"] += scorer(reference, *part).double().tolist()
                 if rank == 0:
                     ray.get(mailbox.post_result.remote(seq - 1, scored))
                 continue
