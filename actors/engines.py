@@ -297,7 +297,7 @@ class VLLMEngine(_ChatEngine):
         from vllm import LLM
 
         from actors import vllm_mixture
-        from trainers.models import resolve_model_path
+        from trainers.models import resolve_dtype, resolve_model_path
         self.keeps_reference = needs_reference(config)
         pair = {}
         if self.keeps_reference:
@@ -305,7 +305,7 @@ class VLLMEngine(_ChatEngine):
             pair["hf_overrides"] = functools.partial(vllm_mixture.pair_config,
                                                      mixture=config["algorithm"].get("mixture"))
         self._source = "policy"  # the pair's source, as PolicyReferencePair starts
-        self.llm = LLM(model=resolve_model_path(self.model_path), dtype=config["model"]["dtype"],
+        self.llm = LLM(model=resolve_model_path(self.model_path), dtype=resolve_dtype(config["model"]["dtype"]),
                        enforce_eager=True, seed=config["seed"] * 1_000_003 + rank,
                        distributed_executor_backend="uni", gpu_memory_utilization=gen["gpu_memory_utilization"],
                        # + 1: sequence_logprobs scores a full prompt + response and asks for one more token

@@ -51,7 +51,7 @@ ENTRIES = {
 AVERAGED = ("sppo", "dno", "dno_regression")  # converge on average: their round-policy mixture enters too
 
 PANEL = {"kind": "ensemble", "combine": "majority", "members": [
-    {"kind": "llm_judge", "model": "smollm2-135m-instruct", "engine": "vllm", "dtype": "bfloat16",
+    {"kind": "llm_judge", "model": "smollm2-135m-instruct", "engine": "vllm", "dtype": "auto",
      "both_orders": True, "max_length": 512},
     {"kind": "sentiment", "prefer": "positive"},
     {"kind": "rule", "rule": "concise_answer"},
@@ -62,13 +62,13 @@ def campaign_config(algorithm: dict, args, run_dir: Path, oracle: dict, every_ro
     """The shared campaign: only the algorithm (and how often it is evaluated) differs between entries."""
     return {
         "seed": args.seed,
-        "model": {"path": "smollm2-135m-instruct", "dtype": "bfloat16", "max_prompt_tokens": 96},
+        "model": {"path": "smollm2-135m-instruct", "dtype": "auto", "max_prompt_tokens": 96},
         "algorithm": algorithm,
         "generators": {"engine": args.engine, "sampling": {"temperature": 1.0, "top_p": 1.0,
                                                            "max_new_tokens": args.max_new_tokens},
-                       "kv_cache_gib": 1},
-        "judges": {"oracle": oracle, "strategy": "all_pairs"},
-        "learner": {"workers": 1, "precision": "bf16", "optimizer": {"name": "adamw", "lr": args.lr},
+                       "kv_cache_gib": 1, "resources": {"num_cpus": 1, "threads": 2}},
+        "judges": {"oracle": oracle, "strategy": "all_pairs", "resources": {"num_cpus": 1, "threads": 2}},
+        "learner": {"workers": 1, "precision": "auto", "optimizer": {"name": "adamw", "lr": args.lr},
                     "micro_batch_size": 8, "threads_per_worker": 2},
         "data": {"prompts": "builtin:instructions", "eval_fraction": args.eval_fraction, "shuffle_seed": 0},
         "schedule": {"rounds": args.rounds, "prompts_per_round": args.prompts_per_round,

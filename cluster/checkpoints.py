@@ -192,7 +192,8 @@ def _deepspeed_files(learner) -> list[str]:
     else:
         files = ["mp_rank_00_model_states.pt"]
     if learner.zero_stage >= 1:
-        prefix = "bf16_" if learner.precision == "bf16" else ""
+        from trainers.models import resolve_precision
+        prefix = "bf16_" if resolve_precision(learner.precision) == "bf16" else ""
         files += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in workers]
     return files
 

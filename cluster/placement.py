@@ -29,8 +29,12 @@ def _custom(res: Resources, where: str) -> dict[str, float]:
 
 
 def actor_options(res: Resources) -> dict:
-    """Keyword arguments of ``ray.remote(Cls).options(**...)`` for one actor of a role."""
-    return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": _custom(res, "resources")}
+    """Keyword arguments of ``ray.remote(Cls).options(**...)`` for one actor of a role. ``threads`` goes in as the
+    actor process's OMP_NUM_THREADS, which Ray otherwise sets to its num_cpus (and torch reads at import)."""
+    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": _custom(res, "resources")}
+    if res.threads is not None:
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(res.threads)}}
+    return options
 
 
 def learner_scaling(learner_cfg: LearnerConfig) -> dict:

@@ -54,8 +54,11 @@ class VLLMNextToken:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
+
+        from trainers.models import resolve_dtype
         on_gpu = torch.cuda.is_available()
-        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_model_len=max_length, enforce_eager=not on_gpu,
+        self.llm = LLM(model=path, dtype=resolve_dtype(dtype), seed=seed, max_model_len=max_length,
+                       enforce_eager=not on_gpu,
                        gpu_memory_utilization=gpu_memory_utilization, distributed_executor_backend="uni",
                        trust_remote_code=trust_remote_code)
 

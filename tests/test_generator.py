@@ -291,3 +291,26 @@ def test_tabular_samples_from_the_policy_distribution(tmp_path):
                                [np.log(policy[0, 2]), np.log(policy[1, 0])], atol=1e-12)
     with pytest.raises(ValueError, match="'bad'.*not a prompt of game"):
         generator.generate([{"prompt_id": "bad", "prompt": "no such prompt"}], 1)
+
+
+@pytest.mark.ray
+def test_an_actor_given_threads_runs_torch_on_that_many(ray_cluster):
+    """Ray sets an actor's OMP_NUM_THREADS to its num_cpus (1 here) unless told otherwise; resources.threads tells
+    it, and torch in the actor uses that many threads."""
+    from cluster.config import Resources
+    from cluster.placement import actor_options
+    ray = ray_cluster
+
+    class Threads:
+        def torch_threads(self) -> int:
+            import torch
+            return torch.get_num_threads()
+
+    def threads(**resources) -> int:
+        actor = ray.remote(Threads).options(**actor_options(Resources(num_cpus=1, **resources))).remote()
+        try:
+            return ray.get(actor.torch_threads.remote(), timeout=120)
+        finally:
+            ray.kill(actor)
+
+    assert (threads(), threads(threads=2)) == (1, 2)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from cluster.config import Resources, parse_config
+from cluster.config import ConfigError, Resources, parse_config
 from cluster.placement import NodeShape, actor_options, check_placeable, cluster_shapes, learner_scaling
 from tests.ray_jobs import assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
 
@@ -101,6 +101,9 @@ def test_actor_options_and_learner_scaling_build_what_ray_accepts():
     from ray.train import ScalingConfig
     res = Resources(num_cpus=2, num_gpus=0.5, custom={"inference": 1})
     assert actor_options(res) == {"num_cpus": 2, "num_gpus": 0.5, "resources": {"inference": 1}}
+    assert actor_options(Resources(num_cpus=1, threads=2))["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "2"}}
+    with pytest.raises(ConfigError, match="learner.resources.threads: .* learner.threads_per_worker"):
+        parse_config({"learner": {"resources": {"threads": 2}}})
 
     cfg = parse_config({"learner": {"workers": 3, "resources": {"num_cpus": 4, "num_gpus": 1,
                                                                 "custom": {"training": 1}}}})

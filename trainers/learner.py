@@ -109,7 +109,8 @@ class LearnerMailbox:
 def deepspeed_config(learner: dict, world_size: int) -> dict:
     """The DeepSpeed config a learner section asks for. The optimizer is a torch one passed to ``initialize`` (a
     config-defined optimizer compiles a C++ op on CPU)."""
-    precision = learner["precision"]
+    from trainers.models import resolve_precision
+    precision = resolve_precision(learner["precision"])
     return {
         "train_micro_batch_size_per_gpu": learner["micro_batch_size"],
         "gradient_accumulation_steps": learner["gradient_accumulation"],

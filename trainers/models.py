@@ -21,10 +21,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NASHRAY_CACHE", Path.home() / ".cache" / "nashray"))
 
 
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA device, or a CPU with AVX512-BF16 or AMX. An AVX2-only CPU
+    emulates them (measured on one: 0.9 GFLOP/s in bf16 against 120 in fp32 on 2 threads)."""
+    import torch
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto``: bfloat16 where bf16 is native (``native_bf16``), float32 elsewhere; any other name as it is. Resolved
+    where the model is loaded, so each role picks for its own machine."""
+    if name == "auto":
+        return "bfloat16" if native_bf16() else "float32"
+    return name
+
+
+def resolve_precision(name: str) -> str:
+    """A learner precision with ``auto`` resolved as ``resolve_dtype`` does (bf16 or fp32)."""
+    if name == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return name
+
+
 def torch_dtype(name: str):
     import torch
     try:
-        return getattr(torch, _DTYPES[name])
+        return getattr(torch, _DTYPES[resolve_dtype(name)])
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
 
