@@ -65,7 +65,12 @@ def machine_info() -> dict:
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    import torch
+
+    from trainers.models import native_bf16
     return {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu_model": _cpu_model(),
+            # AVX2-only CPUs emulate bf16 (about 100x slower than fp32): results from the two classes differ
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
             "mem_total_gib": _mem_total_gib(), "platform": platform.platform(),
             "python": platform.python_version(), "git_commit": commit,
             "packages": {p: v for p in PACKAGES if (v := _version(p)) is not None}}
