@@ -184,16 +184,18 @@ def _check_weights(ckpt: Path, cfg) -> None:
                                   f"({cfg.model.path}) has {list(expected[name])}")
 
 
-def _deepspeed_files(learner) -> list[str]:
-    """The state files DeepSpeed writes (and needs back) for the learner section, per its file naming."""
+def _deepspeed_files(learner, present: list[str]) -> list[str]:
+    """The state files DeepSpeed writes (and needs back) for the learner section, per its file naming. Precision
+    ``auto`` was resolved on the learner's host, which may not be this one: the checkpoint's own files say which."""
     workers = range(learner.workers)
     if learner.zero_stage == 3:
         files = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in workers]
     else:
         files = ["mp_rank_00_model_states.pt"]
     if learner.zero_stage >= 1:
-        from trainers.models import resolve_precision
-        prefix = "bf16_" if resolve_precision(learner.precision) == "bf16" else ""
+        bf16 = (any(name.startswith("bf16_") for name in present) if learner.precision == "auto"
+                else learner.precision == "bf16")
+        prefix = "bf16_" if bf16 else ""
         files += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in workers]
     return files
 
@@ -205,7 +207,7 @@ def _check_deepspeed(ckpt: Path, cfg) -> None:
         raise CheckpointError(f"{folder} is missing: the checkpoint has no optimizer state to resume from")
     present = sorted(p.name for p in folder.glob("*.pt"))
     learner = cfg.learner
-    missing = [name for name in _deepspeed_files(learner) if name not in present]
+    missing = [name for name in _deepspeed_files(learner, present) if name not in present]
     if missing:
         raise CheckpointError(
             f"{folder / missing[0]} is missing: the checkpoint was written by a learner other than the one "
