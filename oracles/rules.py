@@ -5,6 +5,9 @@
   down to ``min_chars`` (shorter than that earns nothing more, so brevity is not pushed to a single character).
 * ``max_words`` — a response within the word limit beats one over it; no preference otherwise.
 * ``matches_format`` — a response matching a regular expression beats one that does not.
+* ``readable`` — the response easier to read wins: Flesch reading ease (Flesch 1948, "A new readability yardstick",
+  J. Applied Psychology 32) through the ``textstat`` package; shorter sentences and shorter words read easier,
+  whatever the response's length.
 * ``cyclic`` — a synthetic intransitive preference for tests and benchmarks: responses fall in ``classes`` (odd)
   classes by a discrete feature (word count mod classes, word-count bins, or sentiment class), and each class beats
   the next (classes − 1)/2 classes cyclically (rock-paper-scissors for 3), so no response is best and the Nash
@@ -164,6 +167,31 @@ class MatchesFormat(RuleOracle):
         return _by_flags(self._ok(a), self._ok(b))
 
 
+class Readable(RuleOracle):
+    """Higher Flesch reading ease, 206.835 − 1.015·words/sentences − 84.6·syllables/words, wins; scores within
+    ``margin`` of each other tie at ½, and so does a comparison where either response is empty (no sentences to
+    read): on its own it is transitive, a panel member whose ordering is neither length's nor sentiment's."""
+
+    name = "readable"
+
+    def __init__(self, margin: float = 0.0):
+        if not isinstance(margin, (int, float)) or margin < 0:
+            raise ValueError(f"rule 'readable': margin must be a number ≥ 0, got {margin!r}")
+        try:
+            import textstat
+        except ImportError as err:  # a panel member that cannot load must say which package is missing
+            raise ValueError("rule 'readable' needs the textstat package (pip install textstat)") from err
+        super().__init__(margin=float(margin))
+        self.margin, self._ease = float(margin), textstat.flesch_reading_ease
+
+    def prefer(self, prompt, a, b):
+        a, b = a.strip(), b.strip()
+        if not a or not b:
+            return 0.5
+        gap = self._ease(a) - self._ease(b)
+        return 0.5 if abs(gap) <= self.margin else float(gap > 0)
+
+
 class Cyclic(RuleOracle):
     """A discrete feature of the response puts it in one of ``classes`` (odd) classes; class c beats classes
     c+1 … c+(classes−1)/2 (mod classes) with probability ½ + ``strength``/2. Intransitive for every odd ``classes``
@@ -228,7 +256,7 @@ class Cyclic(RuleOracle):
 
 
 RULES: dict[str, Callable[..., RuleOracle]] = {
-    cls.name: cls for cls in (Arithmetic, ConciseAnswer, MaxWords, MatchesFormat, Cyclic)}
+    cls.name: cls for cls in (Arithmetic, ConciseAnswer, MaxWords, MatchesFormat, Readable, Cyclic)}
 
 
 def build_rule(name: str, options: dict | None = None) -> RuleOracle:

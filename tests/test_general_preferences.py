@@ -72,6 +72,33 @@ def test_panel_weights_decide_a_split_vote_and_are_validated():
         parse_config({"judges": {"oracle": {"kind": "ensemble", "members": members, "weights": [1.0]}}})
 
 
+def test_readable_rule_prefers_the_easier_text_whatever_its_length():
+    from oracles.rules import build_rule
+    rule = build_rule("readable")
+    plain = "The cat sat. It was warm. We all had tea and cake."
+    dense = "Institutional considerations necessitate comprehensive organizational reevaluation."
+    assert [v.prob for v in rule.compare([Comparison("x", plain, dense), Comparison("x", dense, plain),
+                                          Comparison("x", plain, plain), Comparison("x", "", plain)])
+            ] == [1.0, 0.0, 0.5, 0.5]
+    assert build_rule("readable", {"margin": 1000.0}).prefer("x", plain, dense) == 0.5
+    with pytest.raises(ValueError, match="margin must be a number ≥ 0"):
+        build_rule("readable", {"margin": -1})
+
+
+def test_sentiment_brevity_and_readability_vote_a_condorcet_cycle():
+    """The benchmark's panel (bench/algorithms.py): three transitive members, a cyclic majority."""
+    panel = build_oracle({"kind": "ensemble", "combine": "majority", "members": [
+        {"kind": "sentiment", "prefer": "positive"}, {"kind": "rule", "rule": "concise_answer"},
+        {"kind": "rule", "rule": "readable"}]})
+    short_dense = "Regrettably, comprehensive documentation remains unavailable."            # short, hard, negative
+    long_plain_neutral = "You can do it. Go to the shop. Get some milk. Then go back home and rest a bit."
+    mid_happy_hard = "Wonderful, extraordinarily magnificent organizational methodologies."  # positive, hardest
+    answers = [short_dense, long_plain_neutral, mid_happy_hard]
+    judged = {(i, j): panel.compare([Comparison("x", answers[i], answers[j])])[0].prob
+              for i, j in itertools.combinations(range(3), 2)}
+    assert cyclic_triads(3, judged) == (1, 1), judged
+
+
 def test_a_panel_member_that_fails_to_load_is_named():
     with pytest.raises(ValueError, match=r"ensemble member 1 \(llm_judge\) could not be built"):
         build_oracle({"kind": "ensemble", "members": [
