@@ -250,7 +250,7 @@ def parse_args(argv=None, description: str = __doc__):
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--eval-fraction", type=float, default=0.19)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     parser.add_argument("--out", default=None)
