@@ -6,8 +6,8 @@
 * ``max_words`` — a response within the word limit beats one over it; no preference otherwise.
 * ``matches_format`` — a response matching a regular expression beats one that does not.
 * ``readable`` — the response easier to read wins: Flesch reading ease (Flesch 1948, "A new readability yardstick",
-  J. Applied Psychology 32) through the ``textstat`` package; shorter sentences and shorter words read easier,
-  whatever the response's length.
+  J. Applied Psychology 32), syllables counted by ``pyphen``'s hyphenation dictionary; shorter sentences and
+  shorter words read easier, whatever the response's length.
 * ``cyclic`` — a synthetic intransitive preference for tests and benchmarks: responses fall in ``classes`` (odd)
   classes by a discrete feature (word count mod classes, word-count bins, or sentiment class), and each class beats
   the next (classes − 1)/2 classes cyclically (rock-paper-scissors for 3), so no response is best and the Nash
@@ -169,26 +169,41 @@ class MatchesFormat(RuleOracle):
 
 class Readable(RuleOracle):
     """Higher Flesch reading ease, 206.835 − 1.015·words/sentences − 84.6·syllables/words, wins; scores within
-    ``margin`` of each other tie at ½, and so does a comparison where either response is empty (no sentences to
-    read): on its own it is transitive, a panel member whose ordering is neither length's nor sentiment's."""
+    ``margin`` of each other tie at ½, and so does a comparison where either response is empty (no words to
+    read): on its own it is transitive, a panel member whose ordering is neither length's nor sentiment's.
+
+    A word's syllables are its hyphenation points plus one (pyphen's en_US dictionary, hyphens allowed one letter
+    from either end), which needs no pronouncing dictionary, so any word a model makes up is counted too."""
 
     name = "readable"
+    _WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+    _SENTENCE_END = re.compile(r"[.!?]+")
 
     def __init__(self, margin: float = 0.0):
         if not isinstance(margin, (int, float)) or margin < 0:
             raise ValueError(f"rule 'readable': margin must be a number ≥ 0, got {margin!r}")
         try:
-            import textstat
+            import pyphen
         except ImportError as err:  # a panel member that cannot load must say which package is missing
-            raise ValueError("rule 'readable' needs the textstat package (pip install textstat)") from err
+            raise ValueError("rule 'readable' needs the pyphen package (pip install pyphen)") from err
         super().__init__(margin=float(margin))
-        self.margin, self._ease = float(margin), textstat.flesch_reading_ease
+        self.margin, self._hyphenator = float(margin), pyphen.Pyphen(lang="en_US", left=1, right=1)
+
+    def reading_ease(self, text: str) -> float | None:
+        """Flesch reading ease of ``text``; None when it has no words."""
+        words = self._WORD.findall(text)
+        if not words:
+            return None
+        # a last sentence without its full stop still counts
+        sentences = max(len(self._SENTENCE_END.findall(text.rstrip(" .!?\n") + ".")), 1)
+        syllables = sum(len(self._hyphenator.positions(w.lower())) + 1 for w in words)
+        return 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
 
     def prefer(self, prompt, a, b):
-        a, b = a.strip(), b.strip()
-        if not a or not b:
+        ease_a, ease_b = self.reading_ease(a), self.reading_ease(b)
+        if ease_a is None or ease_b is None:
             return 0.5
-        gap = self._ease(a) - self._ease(b)
+        gap = ease_a - ease_b
         return 0.5 if abs(gap) <= self.margin else float(gap > 0)
 
 

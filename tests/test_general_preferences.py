@@ -83,6 +83,9 @@ def test_readable_rule_prefers_the_easier_text_whatever_its_length():
     assert build_rule("readable", {"margin": 1000.0}).prefer("x", plain, dense) == 0.5
     with pytest.raises(ValueError, match="margin must be a number ≥ 0"):
         build_rule("readable", {"margin": -1})
+    # words no pronouncing dictionary holds (a sampled answer had "relativist" and "eman") are scored, not raised on
+    made_up = rule.compare([Comparison("x", "The relativist eman sat.", "Zyzzyvas quarbled flimpishly.")])
+    assert made_up[0].prob in (0.0, 1.0) and made_up[0].reason is None
 
 
 def test_sentiment_brevity_and_readability_vote_a_condorcet_cycle():
