@@ -65,8 +65,12 @@ class JudgeActor:
                     ] * len(comparisons)
         return verdicts
 
-    def judge(self, comparisons: list[dict]) -> list[dict]:
-        """One ``{prob, reason, cached}`` per comparison ``{prompt, a, b}``, in order."""
+    def judge(self, comparisons: list[dict], seed: int | None = None) -> list[dict]:
+        """One ``{prob, reason, cached}`` per comparison ``{prompt, a, b}``, in order. ``seed`` restarts a
+        stochastic oracle's draws first, so the same chunk gets the same verdicts whichever judge takes it, and again
+        after a restart; None continues the oracle's own stream."""
+        if seed is not None:
+            self.oracle.reseed(seed)
         asked = _comparisons(comparisons)
         cached = self.cache.get(asked) if self.cache is not None else [None] * len(asked)
         verdicts: list[Verdict | None] = [Verdict(p) if p is not None else None for p in cached]

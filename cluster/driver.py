@@ -61,20 +61,34 @@ def panel_member_names(oracle) -> list[str]:
     return [f"{i}:{getattr(m, 'rule', None) or m.kind}" for i, m in enumerate(oracle.members)]
 
 
-def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
+def chunk_seed(seed: int | None, chunk: int) -> int | None:
+    """The seed of one chunk of a seeded call: a function of the campaign seed, round, stream and chunk alone, so a
+    resumed round, or a chunk retried on a replaced actor, draws exactly what the first attempt would have."""
+    return None if seed is None else int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+
+
+def round_seed(cfg: CampaignConfig, t: int, stream: str) -> int:
+    """Round t's seed for one random stream (the samples of a source, the judges' draws)."""
+    return int(np.random.SeedSequence([cfg.seed, t, *stream.encode()]).generate_state(1)[0])
+
+
+def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False,
+             seed: int | None = None) -> list[dict]:
     """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
-    :meth:`actors.generator.GeneratorActor.generate`)."""
+    :meth:`actors.generator.GeneratorActor.generate`; ``seed``: see :func:`chunk_seed`, None continues each
+    generator's own stream)."""
     n = len(roles.generators)
-    chunks = [(prompts[i::n], k, source, None, score) for i in range(n) if prompts[i::n]]
+    chunks = [(prompts[i::n], k, source, chunk_seed(seed, i), score) for i in range(n) if prompts[i::n]]
     return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
 
 
-def judge(roles: Roles, comparisons: list[dict]) -> list[dict]:
-    """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over the judges in contiguous chunks."""
+def judge(roles: Roles, comparisons: list[dict], seed: int | None = None) -> list[dict]:
+    """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over the judges in contiguous chunks
+    (``seed``: see :func:`chunk_seed`)."""
     if not comparisons:
         return []
     size = min(math.ceil(len(comparisons) / len(roles.judges)), roles.judge_batch)
-    chunks = [(comparisons[i:i + size],) for i in range(0, len(comparisons), size)]
+    chunks = [(comparisons[i:i + size], chunk_seed(seed, n)) for n, i in enumerate(range(0, len(comparisons), size))]
     return [v for part in roles.judges.map("judge", chunks, "judgements") for v in part]
 
 
@@ -97,7 +111,7 @@ def score_comparisons(roles: Roles, by_prompt: dict[str, list[dict]], planned: l
 
 
 def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[str, list[dict]],
-                rng: np.random.Generator) -> tuple[list[dict], dict[str, dict]]:
+                rng: np.random.Generator, seed: int | None = None) -> tuple[list[dict], dict[str, dict]]:
     """Plan each prompt's comparisons and judge them all in one batch (or derive them from per-response scores);
     judgement rows and {prompt: {(i, j): p}}."""
     budget = cfg.judges.budget_per_round
@@ -112,7 +126,7 @@ def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[st
         verdicts = score_comparisons(roles, by_prompt, planned)
     else:
         verdicts = judge(roles, [{"prompt": by_prompt[p][i]["prompt"], "a": by_prompt[p][i]["response"],
-                                  "b": by_prompt[p][j]["response"]} for p, i, j in planned])
+                                  "b": by_prompt[p][j]["response"]} for p, i, j in planned], seed)
     rows, judged = [], {p: {} for p in by_prompt}
     for (prompt_id, i, j), verdict in zip(planned, verdicts):
         rows.append({"prompt_id": prompt_id, "i": i, "j": j, "prob": verdict["prob"], "reason": verdict["reason"],
@@ -224,12 +238,14 @@ class Campaign:
                 # Asynchronous rounds train on these samples after the learner has moved on: the generators also
                 # score them under the policy that drew them, which the losses then use as π_t.
                 score = cfg.schedule.async_rounds and cfg.schedule.async_anchor == "generator"
-                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", score)
+                # Seeded per round and source: a round generated again after a kill draws the same samples.
+                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", score,
+                                   round_seed(cfg, t, "policy"))
                 if algo.ref_samples:
-                    samples += generate(roles, prompts, algo.ref_samples, "ref")
+                    samples += generate(roles, prompts, algo.ref_samples, "ref", seed=round_seed(cfg, t, "ref"))
                 if algo.mixture_samples:
                     samples += generate(roles, prompts, cfg.schedule.samples_per_prompt * algo.mixture_samples,
-                                        "mixture")
+                                        "mixture", seed=round_seed(cfg, t, "mixture"))
                 metrics["generate_s"] = timer() - t0
                 metrics["generated_tokens"] = sum(len(s["response_ids"]) for s in samples)
                 metrics["generate_tokens_per_s"] = metrics["generated_tokens"] / max(metrics["generate_s"], 1e-9)
@@ -247,7 +263,7 @@ class Campaign:
                 judged = judged_from_rows(rows, by_prompt)
             else:
                 t0, calls = timer(), sum(roles.judges.broadcast("calls"))
-                rows, judged = judge_round(roles, cfg, algo, by_prompt, rng)
+                rows, judged = judge_round(roles, cfg, algo, by_prompt, rng, round_seed(cfg, t, "judge"))
                 metrics["judge_s"] = timer() - t0
                 # Oracle calls this round (retries included, cache hits not); a replaced judge starts at 0.
                 metrics["judge_calls"] = max(0, sum(roles.judges.broadcast("calls")) - calls)

@@ -38,6 +38,10 @@ class PreferenceOracle(ABC):
     def compare(self, comparisons: list[Comparison]) -> list[Verdict]:
         """One verdict per comparison, in order. Bad replies become dropped verdicts, never exceptions."""
 
+    def reseed(self, seed: int) -> None:
+        """Restart the oracle's random draws from ``seed`` (a Bernoulli judge's). The driver reseeds each chunk of
+        a round's comparisons, so a resumed round draws what the uninterrupted one would have; no-op without draws."""
+
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """A scalar per response, for oracles that score single responses (reward models)."""
         raise NotImplementedError(f"oracle {self.oracle_id!r} compares pairs; it does not score single responses")

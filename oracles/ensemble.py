@@ -29,6 +29,10 @@ class EnsembleOracle(PreferenceOracle):
         weighted = "" if len(set(weights)) == 1 else f":w={','.join(f'{w:g}' for w in weights)}"
         self.oracle_id = f"ensemble:{combine}{weighted}:[{','.join(m.oracle_id for m in self.members)}]"
 
+    def reseed(self, seed: int) -> None:
+        for i, member in enumerate(self.members):  # as build_oracle seeds them: member i from seed + i
+            member.reseed(seed + i)
+
     def compare(self, comparisons: list[Comparison]) -> list[Verdict]:
         per_member = [member.compare(comparisons) for member in self.members]
         return [self._combine([votes[i] for votes in per_member]) for i in range(len(comparisons))]

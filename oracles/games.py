@@ -191,6 +191,9 @@ class MatrixOracle(PreferenceOracle):
         self._prompt_index = {name: p for p, name in enumerate(game.prompts)}
         self._n_actions = game.n_actions
 
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
     def _action(self, text: str) -> int | None:
         try:
             action = int(text)

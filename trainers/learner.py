@@ -363,7 +363,7 @@ def learner_loop(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = learner_cfg["threads_per_worker"] or max(1, int(loop_config["cpus_per_worker"]))
     torch.set_num_threads(threads)
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(config["seed"] + rank)  # LoRA adapters' initialisation
 
     try:
         algorithm = get_algorithm(config["algorithm"]["name"])
@@ -390,7 +390,6 @@ def learner_loop(loop_config: dict) -> None:
 
     ray.get(mailbox.register.remote(rank, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}))
     keys = algorithm.sequences
-    rng = np.random.default_rng(config["seed"] + 1000 * rank)
     transport = ObjectStoreTransport()
     seq = ray.get(mailbox.first_open.remote())  # a restarted group picks up the task in flight
     while True:
@@ -428,6 +427,10 @@ def learner_loop(loop_config: dict) -> None:
                 result = json.loads(done.read_text())["metrics"]
                 state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
             else:
+                # The round's data order and torch draws depend on (seed, rank, round) alone, not on how many rounds
+                # this process has trained: a round trained again after a restart takes the same batches in order.
+                rng = np.random.default_rng([config["seed"], rank, task["round"]])
+                torch.manual_seed(int(rng.integers(2 ** 63)))
                 result = _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
                                       learner_cfg, config["evaluation"]["ranking_accuracy"],
                                       config["schedule"]["async_anchor"])
