@@ -149,3 +149,44 @@ def test_resumed_campaign_reuses_cached_judgements_within_budget(tmp_path, tiny_
     assert first["judge_comparisons"] <= 40 and metrics[1]["judge_comparisons"] <= 40  # the budget holds
     assert first["judge_cached"] >= paid_before  # what the killed run paid for was not paid again
     assert first["judge_calls"] == first["judge_comparisons"] - first["judge_cached"]
+
+
+def test_resumed_llm_round_trains_the_same_batches_in_the_same_order(tmp_path, tiny_model_dir):
+    """A language-model campaign killed during round 1's training: the resumed round trains the persisted records in
+    the uninterrupted campaign's batch order from the same restored state, so every round's loss and samples match."""
+    def config(root: Path) -> Path:
+        cfg = {
+            "seed": 3,
+            "model": {"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 96},
+            "algorithm": {"name": "online_dpo"},
+            "generators": {"count": 1, "engine": "hf", "sampling": {"max_new_tokens": 12}},
+            # the tiny random model's answers all run to max_new_tokens: length would tie them, readability does not
+            "judges": {"count": 1, "oracle": {"kind": "rule", "rule": "readable"}},
+            # Several epochs of small batches: the order matters to the loss, and training is the longest phase.
+            "learner": {"workers": 1, "precision": "fp32", "micro_batch_size": 2, "epochs_per_round": 6,
+                        "threads_per_worker": 1, "optimizer": {"name": "adamw", "lr": 1e-3}},
+            "schedule": {"rounds": 3, "prompts_per_round": 6, "samples_per_prompt": 3},
+            "storage": {"run_dir": str(root / "run")},
+            "evaluation": {"every_rounds": 0},
+        }
+        root.mkdir(exist_ok=True)
+        (root / "campaign.yaml").write_text(yaml.safe_dump(cfg))
+        return root / "campaign.yaml"
+
+    whole = start(str(config(tmp_path / "whole")))
+    assert whole.wait(timeout=600) == 0
+    run = tmp_path / "killed/run"
+    proc = start(str(config(tmp_path / "killed")))
+    kill_when(proc, lambda: rounds_completed(run) == 1 and (run / "rounds/0001/train/_SUCCESS").exists())
+    assert not (run / "checkpoints/round-0001/COMPLETE").exists()  # killed before round 1's training finished
+    proc = start("--resume", str(run))
+    assert proc.wait(timeout=600) == 0
+
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "whole/run/metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in resumed] == [0, 1, 2]
+    for t in range(3):
+        assert digest(run / f"rounds/{t:04d}/samples.parquet") == digest(
+            tmp_path / f"whole/run/rounds/{t:04d}/samples.parquet"), f"round {t} samples"
+        for key in ("loss", "steps", "train_records", "kl_to_ref"):
+            assert resumed[t][key] == reference[t][key], (t, key, resumed[t][key], reference[t][key])
