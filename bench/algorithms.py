@@ -277,8 +277,8 @@ def main() -> None:
     result = tournament(answers, prompts, PANEL)
     table = entrant_table(result, answers, run_dirs)
     per_round = {name: [{k: m.get(k) for k in ("round", "loss", "judge_cyclic_triads", "round_s", "train_s",
-                                               "mean_response_tokens", "win_rate_vs_initial", "kl_to_ref")
-                         | {k: v for k, v in m.items() if k.startswith("judge_agreement/")}}
+                                               "mean_response_tokens", "win_rate_vs_initial", "kl_to_ref")}
+                        | {k: v for k, v in m.items() if k.startswith("judge_agreement/")}
                         for m in read_metrics(run_dir)] for name, run_dir in run_dirs.items()}
     training_cycles = [m["judge_cyclic_triads"] for rows in per_round.values() for m in rows
                        if m.get("judge_cyclic_triads") is not None]
