@@ -271,8 +271,10 @@ def main() -> None:
         every = 1 if name in AVERAGED else args.rounds  # the others are compared at their last round
         config = campaign_config(ENTRIES[name], args, work / name / "run", PANEL, every)
         start = time.perf_counter()
+        reused = (work / name / "run" / "state.json").exists() and json.loads(
+            (work / name / "run" / "state.json").read_text()).get("rounds_completed") == args.rounds
         run_dirs[name] = run_entry(name, config, work)
-        train_s[name] = time.perf_counter() - start
+        train_s[name] = None if reused else time.perf_counter() - start  # a reused entry's time is its first run's
     answers, prompts = entrant_answers(run_dirs, args.rounds, args.seed)
     result = tournament(answers, prompts, PANEL)
     table = entrant_table(result, answers, run_dirs)
