@@ -68,17 +68,16 @@ def chunk_seed(seed: int | None, chunk: int) -> int | None:
 
 
 def round_seed(cfg: CampaignConfig, t: int, stream: str) -> int:
-    """Round t's seed for one random stream (the samples of a source, the judges' draws)."""
+    """Round t's seed for one random stream (the judges' draws)."""
     return int(np.random.SeedSequence([cfg.seed, t, *stream.encode()]).generate_state(1)[0])
 
 
-def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False,
-             seed: int | None = None) -> list[dict]:
+def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
     """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
-    :meth:`actors.generator.GeneratorActor.generate`; ``seed``: see :func:`chunk_seed`, None continues each
-    generator's own stream)."""
+    :meth:`actors.generator.GeneratorActor.generate`). Each generator continues its own stream (seeded by campaign
+    seed and rank): seeding generation per round is not done yet (see the resume section of docs/deploy.md)."""
     n = len(roles.generators)
-    chunks = [(prompts[i::n], k, source, chunk_seed(seed, i), score) for i in range(n) if prompts[i::n]]
+    chunks = [(prompts[i::n], k, source, None, score) for i in range(n) if prompts[i::n]]
     return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
 
 
@@ -238,14 +237,12 @@ class Campaign:
                 # Asynchronous rounds train on these samples after the learner has moved on: the generators also
                 # score them under the policy that drew them, which the losses then use as π_t.
                 score = cfg.schedule.async_rounds and cfg.schedule.async_anchor == "generator"
-                # Seeded per round and source: a round generated again after a kill draws the same samples.
-                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", score,
-                                   round_seed(cfg, t, "policy"))
+                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", score)
                 if algo.ref_samples:
-                    samples += generate(roles, prompts, algo.ref_samples, "ref", seed=round_seed(cfg, t, "ref"))
+                    samples += generate(roles, prompts, algo.ref_samples, "ref")
                 if algo.mixture_samples:
                     samples += generate(roles, prompts, cfg.schedule.samples_per_prompt * algo.mixture_samples,
-                                        "mixture", seed=round_seed(cfg, t, "mixture"))
+                                        "mixture")
                 metrics["generate_s"] = timer() - t0
                 metrics["generated_tokens"] = sum(len(s["response_ids"]) for s in samples)
                 metrics["generate_tokens_per_s"] = metrics["generated_tokens"] / max(metrics["generate_s"], 1e-9)
