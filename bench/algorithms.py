@@ -81,15 +81,16 @@ def campaign_config(algorithm: dict, args, run_dir: Path, oracle: dict, every_ro
     }
 
 
-def run_entry(name: str, config: dict, work: Path) -> Path:
-    """Train one entry with ``nashray run`` in a child process (resumed where an earlier run stopped); its run dir."""
+def run_entry(name: str, config: dict, work: Path) -> tuple[Path, float | None]:
+    """Train one entry with ``nashray run`` in a child process (resumed where an earlier run stopped); its run dir
+    and the seconds it trained, None for an entry finished earlier (its time is its first run's)."""
     entry_dir = work / name
     entry_dir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(config["storage"]["run_dir"])
     state = run_dir / "state.json"
     if state.exists() and json.loads(state.read_text()).get("rounds_completed") == config["schedule"]["rounds"]:
         print(f"[{name}] done earlier: {run_dir}", flush=True)
-        return run_dir
+        return run_dir, None
     config_path = entry_dir / "campaign.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     nashray = str(Path(sys.executable).parent / "nashray")
@@ -99,8 +100,9 @@ def run_entry(name: str, config: dict, work: Path) -> Path:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"[{name}] {' '.join(command)} failed ({proc.returncode}); see {entry_dir / 'console.log'}")
-    print(f"[{name}] trained in {time.perf_counter() - start:.0f} s: {run_dir}", flush=True)
-    return run_dir
+    seconds = time.perf_counter() - start
+    print(f"[{name}] trained in {seconds:.0f} s: {run_dir}", flush=True)
+    return run_dir, seconds
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -270,11 +272,7 @@ def main() -> None:
     for name in names:
         every = 1 if name in AVERAGED else args.rounds  # the others are compared at their last round
         config = campaign_config(ENTRIES[name], args, work / name / "run", PANEL, every)
-        start = time.perf_counter()
-        reused = (work / name / "run" / "state.json").exists() and json.loads(
-            (work / name / "run" / "state.json").read_text()).get("rounds_completed") == args.rounds
-        run_dirs[name] = run_entry(name, config, work)
-        train_s[name] = None if reused else time.perf_counter() - start  # a reused entry's time is its first run's
+        run_dirs[name], train_s[name] = run_entry(name, config, work)
     answers, prompts = entrant_answers(run_dirs, args.rounds, args.seed)
     result = tournament(answers, prompts, PANEL)
     table = entrant_table(result, answers, run_dirs)

@@ -74,8 +74,8 @@ def round_seed(cfg: CampaignConfig, t: int, stream: str) -> int:
 
 def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
     """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
-    :meth:`actors.generator.GeneratorActor.generate`). Each generator continues its own stream (seeded by campaign
-    seed and rank): seeding generation per round is not done yet (see the resume section of docs/deploy.md)."""
+    :meth:`actors.generator.GeneratorActor.generate`). Each generator continues its own stream, seeded by campaign
+    seed and rank."""
     n = len(roles.generators)
     chunks = [(prompts[i::n], k, source, None, score) for i in range(n) if prompts[i::n]]
     return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
