@@ -1,4 +1,4 @@
-"""The sampling engines behind :class:`actors.generator.GeneratorActor`: vLLM, transformers ("hf") and tabular.
+"""The sampling engines behind :class:`nashray.actors.generator.GeneratorActor`: vLLM, transformers ("hf") and tabular.
 
 Every engine samples n responses per prompt from one of three sources — ``policy`` (π_θ, the pushed weights),
 ``ref`` (π_ref, the initial weights) or ``mixture`` (Nash-MD's geometric mixture π_θ^{1−β}·π_ref^{β}, normalised at
@@ -10,7 +10,7 @@ temperature, no top-p): the number the learner computes for the same weights, us
 
 - hf: a frozen copy of the initial model in memory.
 - tabular: the game's π_ref.
-- vLLM: one engine whose model is :class:`actors.vllm_mixture.PolicyReferencePair` — π_θ and a frozen π_ref as two
+- vLLM: one engine whose model is :class:`nashray.actors.vllm_mixture.PolicyReferencePair` — π_θ and a frozen π_ref as two
   decoder stacks with their own KV caches — and a source switch set between ``generate`` calls: ``policy`` and
   ``ref`` run one stack, ``mixture`` runs both and combines their log-probs in ``compute_logits``, so vLLM's own
   temperature, top-p and sampled-token log-probs apply to the mixture as they do to π_θ. Pushes reload the policy
@@ -68,7 +68,7 @@ def _check_kept(config: dict, source: str, keeps_reference: bool) -> None:
 
 def needs_reference(config: dict) -> bool:
     """Whether the campaign's algorithm samples from π_ref (XPO) or from the π_θ/π_ref mixture (Nash-MD)."""
-    from trainers.algorithms import get_algorithm
+    from nashray.trainers.algorithms import get_algorithm
     algorithm = get_algorithm(config["algorithm"]["name"])
     return algorithm.ref_samples > 0 or algorithm.mixture_samples > 0
 
@@ -118,7 +118,7 @@ class _ChatEngine(Engine):
     """Chat-template prompt encoding shared by the LLM engines."""
 
     def __init__(self, config: dict):
-        from trainers.models import load_tokenizer
+        from nashray.models import load_tokenizer
         self.config = config
         self.model_path = config["model"]["path"]
         self.max_prompt_tokens = config["model"]["max_prompt_tokens"]
@@ -159,7 +159,7 @@ class HFEngine(_ChatEngine):
         self.generator = torch.Generator(self.device).manual_seed(config["seed"] * 1_000_003 + rank)
 
     def _load(self, config: dict):
-        from trainers.models import load_causal_lm
+        from nashray.models import load_causal_lm
         model = load_causal_lm(self.model_path, config["model"]["dtype"], config["model"]["trust_remote_code"])
         return model.to(self.device).eval().requires_grad_(False)
 
@@ -220,7 +220,7 @@ class HFEngine(_ChatEngine):
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
-        from trainers.logprobs import causal_lm_sequence_logprobs
+        from nashray.trainers.logprobs import causal_lm_sequence_logprobs
         return causal_lm_sequence_logprobs(self.model, prompt_ids, response_ids, self.pad_id).tolist()
 
     def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
@@ -238,13 +238,13 @@ class VLLMWorkerExtension:
 
     Weights arrive in-process (the ``uni`` executor) as a state dict and go through vLLM's in-place weight reload, so
     the model's post-load processing reruns — into the policy stack alone when the model is a
-    :class:`actors.vllm_mixture.PolicyReferencePair`."""
+    :class:`nashray.actors.vllm_mixture.PolicyReferencePair`."""
 
     def nashray_load(self, state: "dict[str, torch.Tensor]") -> int:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
 
-        from actors.vllm_mixture import PolicyReferencePair
+        from nashray.actors.vllm_mixture import PolicyReferencePair
         model = self.model_runner.get_model()
         policy = model.policy if isinstance(model, PolicyReferencePair) else model
         # What the worker's own reload_weights runs, on the policy module; the caches the runner also resets (LoRA,
@@ -279,7 +279,7 @@ def _refresh_tied_lm_head(model) -> None:
 class VLLMEngine(_ChatEngine):
     """An in-process vLLM engine (``uni`` executor, no engine-core subprocess), eager mode, seeded per rank.
 
-    When the algorithm samples from π_ref, the engine's model is a :class:`actors.vllm_mixture.PolicyReferencePair`
+    When the algorithm samples from π_ref, the engine's model is a :class:`nashray.actors.vllm_mixture.PolicyReferencePair`
     (selected by ``hf_overrides`` on the same model folder) and each request's source is switched on it before
     ``generate``; otherwise it is the plain model.
 
@@ -296,8 +296,8 @@ class VLLMEngine(_ChatEngine):
         super().__init__(config)
         from vllm import LLM
 
-        from actors import vllm_mixture
-        from trainers.models import resolve_dtype, resolve_model_path
+        from nashray.actors import vllm_mixture
+        from nashray.models import resolve_dtype, resolve_model_path
         self.keeps_reference = needs_reference(config)
         pair = {}
         if self.keeps_reference:
@@ -359,15 +359,15 @@ class VLLMEngine(_ChatEngine):
 # ----------------------------------------------------------------------------------------------- tabular
 
 class TabularEngine(Engine):
-    """A :class:`trainers.tabular.TabularPolicy` over the game of ``data.game``: prompts are the game's prompt
+    """A :class:`nashray.trainers.tabular.TabularPolicy` over the game of ``data.game``: prompts are the game's prompt
     names (``prompt_ids`` = [prompt index]), responses are actions (``str(action)``, ``response_ids`` = [action]).
     Samples are drawn from the policy's exact distribution (the sampling temperature and top-p are for LLMs)."""
 
     name = "tabular"
 
     def __init__(self, config: dict, rank: int = 0):
-        from oracles.games import load_game
-        from trainers.tabular import TabularPolicy
+        from nashray.oracles.games import load_game
+        from nashray.trainers.tabular import TabularPolicy
         self.config = config
         self.game = load_game(config["data"]["game"])
         self.policy = TabularPolicy.from_game(self.game).requires_grad_(False)

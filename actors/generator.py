@@ -1,7 +1,7 @@
 """The generator: samples responses from the current policy π_t and takes the learner's weight pushes in place.
 
 A plain class; the driver makes it an actor with ``ray.remote(GeneratorActor)``. It owns one engine
-(``generators.engine``: vllm, hf or tabular, see :mod:`actors.engines`) for the whole campaign: a push replaces the
+(``generators.engine``: vllm, hf or tabular, see :mod:`nashray.actors.engines`) for the whole campaign: a push replaces the
 weights inside the running engine and bumps :meth:`version`, which every sample record carries.
 """
 
@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from actors.engines import SOURCES, build_engine
+from nashray.actors.engines import SOURCES, build_engine
 
 PROMPT_KEYS = ("prompt_id", "prompt")
 
@@ -61,7 +61,7 @@ class GeneratorActor:
         if not prompts:
             return []
         start = time.perf_counter()
-        # A chat prompt's messages (JSON, see cluster.prompts.Prompt) go to the chat template; its text to the records.
+        # A chat prompt's messages (JSON, see nashray.cluster.prompts.Prompt) go to the chat template; its text to the records.
         prompt_ids = [self.engine.encode_prompt(p["prompt_id"], json.loads(p["messages"]) if p.get("messages")
                                                 else p["prompt"]) for p in prompts]
         drawn = self.engine.sample(prompt_ids, n, source, seed)
@@ -85,11 +85,11 @@ class GeneratorActor:
         return records
 
     def apply_weights(self, push, version: int) -> int:
-        """Load the weights of a :class:`trainers.weights.WeightPush` (safetensors bytes, an ObjectRef of a tensor
+        """Load the weights of a :class:`nashray.weights.WeightPush` (safetensors bytes, an ObjectRef of a tensor
         payload, or a broadcast manifest) into the running engine; returns the new version."""
-        from trainers.weights import BroadcastManifest, WeightPush, push_state_dict
+        from nashray.weights import BroadcastManifest, WeightPush, push_state_dict
         if not isinstance(push, WeightPush):
-            raise TypeError(f"apply_weights takes a trainers.weights.WeightPush, got {type(push).__name__}")
+            raise TypeError(f"apply_weights takes a nashray.weights.WeightPush, got {type(push).__name__}")
         if push.version != version:
             raise ValueError(f"weight push carries version {push.version} but apply_weights was told {version}")
         if version < self._version:
@@ -112,7 +112,7 @@ class GeneratorActor:
                               timeout_s: float = 600.0) -> None:
         """Join the learner's broadcast group as ``rank`` (≥ 1) of ``world_size``; later broadcast pushes are
         received here, on this process's accelerator (the in-process vLLM worker shares it)."""
-        from trainers.weights import NcclBroadcastTransport
+        from nashray.weights import NcclBroadcastTransport
         self._transport = NcclBroadcastTransport(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
 
     def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:

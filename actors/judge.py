@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
-from oracles import build_oracle, is_deterministic, oracle_config
-from oracles.base import Comparison, Verdict
+from nashray.oracles import build_oracle, is_deterministic, oracle_config
+from nashray.oracles.base import Comparison, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class JudgeActor:
         self.oracle = build_oracle(cfg, game_spec=game_spec, seed=seed)
         self.cache = None
         if cache_dir is not None and is_deterministic(cfg):
-            from oracles.cache import VerdictCache
+            from nashray.oracles.cache import VerdictCache
             self.cache = VerdictCache(cache_dir, self.oracle.oracle_id)
         self.retries = retries
         self._calls = 0

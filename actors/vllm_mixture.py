@@ -11,7 +11,7 @@ cache holds half the tokens it would for one model). Its ``source`` attribute, s
 - ``mixture``: both; ``compute_logits`` returns (1−β)·log_softmax(logits_θ) + β·log_softmax(logits_ref), whose
   softmax is the normalised geometric mixture π_θ^{1−β}·π_ref^{β} at that token (Munos et al. 2024, Nash-MD). vLLM's
   temperature, top-p and ``processed_logprobs`` then apply on top, exactly as the HF engine tempers and filters the
-  same combination (:func:`actors.engines.sampling_logprobs`).
+  same combination (:func:`nashray.actors.engines.sampling_logprobs`).
 
 A stack that does not run writes no KV, so blocks cached under one source hold no valid KV for a stack that did not
 run: the engine resets vLLM's prefix cache whenever it changes the source.
@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from actors.engines import SOURCES
+from nashray.actors.engines import SOURCES
 
 ARCHITECTURE = "NashrayPolicyReferencePair"
 

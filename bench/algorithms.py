@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, Run, setup_environment, summary_row  # noqa: E402
-from cluster.run_dir import RunDir  # noqa: E402
+from nashray.layout import RunDir  # noqa: E402
 
 ENTRIES = {
     "online_dpo": {"name": "online_dpo"},
@@ -138,11 +138,11 @@ def entrant_answers(run_dirs: dict[str, Path], rounds: int, seed: int) -> tuple[
 
 def tournament(answers: dict, prompts: list[dict], oracle: dict) -> dict:
     """Every pair of entrants on every prompt, judged by ``oracle`` in this process."""
-    from actors.judge import JudgeActor
-    from cluster.driver import member_agreement, panel_member_names
-    from cluster.evaluation import win_rate_interval
-    from oracles import oracle_config
-    from trainers.pairs import cyclic_triads
+    from nashray.actors.judge import JudgeActor
+    from nashray.cluster.driver import member_agreement, panel_member_names
+    from nashray.cluster.evaluation import win_rate_interval
+    from nashray.oracles import oracle_config
+    from nashray.trainers.pairs import cyclic_triads
     names = list(answers)
     judge = JudgeActor(oracle, None)
     pairs = list(itertools.combinations(range(len(names)), 2))

@@ -67,7 +67,7 @@ def machine_info() -> dict:
         commit = None
     import torch
 
-    from trainers.models import native_bf16
+    from nashray.models import native_bf16
     return {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu_model": _cpu_model(),
             # AVX2-only CPUs emulate bf16 (about 100x slower than fp32): results from the two classes differ
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
@@ -198,15 +198,15 @@ def tmp_ray_dir() -> str:
 
 
 def generator_roles(cfg, num_cpus: float | None = None):
-    """The campaign's generator pool (``cluster.actor_pool.ActorPool`` of ``GeneratorActor``, as
-    ``Campaign.start_roles`` builds it) inside a ``cluster.driver.Roles`` without judges or learner, so the round's
+    """The campaign's generator pool (``nashray.cluster.actor_pool.ActorPool`` of ``GeneratorActor``, as
+    ``Campaign.start_roles`` builds it) inside a ``nashray.cluster.driver.Roles`` without judges or learner, so the round's
     own phase functions (``driver.generate``, ``driver.push_weights``) can be timed on it."""
     import ray
 
-    from actors.generator import GeneratorActor
-    from cluster.actor_pool import ActorPool
-    from cluster.driver import Roles
-    from cluster.placement import actor_options
+    from nashray.actors.generator import GeneratorActor
+    from nashray.cluster.actor_pool import ActorPool
+    from nashray.cluster.driver import Roles
+    from nashray.cluster.placement import actor_options
 
     config = cfg.model_dump(mode="json")
     options = actor_options(cfg.generators.resources)

@@ -3,10 +3,10 @@
 Both sides, per model: the same model, the same prompts (the demo prompt set, in the order nashray's rounds take
 them), 2 samples per prompt (TRL's online DPO always draws 2), ``--prompts`` prompts per step/round (one judged pair
 each), ``--max-new-tokens``, temperature 1, top-p 1, DPO β 0.1, AdamW lr 2e-6, bf16, ``--threads`` CPU threads, and
-the same judge: nashray's ``concise_answer`` rule oracle (``oracles.rules``). Each side runs in a child process of
+the same judge: nashray's ``concise_answer`` rule oracle (``nashray.oracles.rules``). Each side runs in a child process of
 this one (clean peak-memory numbers), one after the other, never at the same time.
 
-**nashray**: ``cluster.driver.run_campaign`` on a config: one vLLM-CPU generator (bf16, ``--threads`` CPUs), one rule
+**nashray**: ``nashray.cluster.driver.run_campaign`` on a config: one vLLM-CPU generator (bf16, ``--threads`` CPUs), one rule
 judge actor, one DeepSpeed learner worker (bf16, ``--threads`` threads, micro-batch = prompts per round), online
 DPO, evaluation and the ranking-accuracy pass off. Counted: the wall time of each round, from the start of its
 generate phase to its state.json (generate, judge, training records and their parquet dataset, π_ref log-probs,
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (Run, load_average, own_peak_rss_mib, process_tree_peaks, setup_environment,  # noqa: E402
                           spread, summary_row)
-from cluster.progress import Progress  # noqa: E402
+from nashray.cluster.progress import Progress  # noqa: E402
 
 TARGETS = {"smollm2": 5.0, "tiny": 2.0}  # nashray pairs/s ≥ target × TRL's
 TRL_MODES = ("vllm_colocate", "hf_bf16", "hf_fp32")
@@ -71,7 +71,7 @@ class PairwiseOracleReward:
         return "\n".join(turn["content"] for turn in message if turn.get("role") in ("user", "assistant"))
 
     def __call__(self, prompts, completions, **_) -> list[float]:
-        from oracles.base import Comparison
+        from nashray.oracles.base import Comparison
         if len(prompts) != len(completions) or len(completions) % 2:
             raise ValueError(f"expected 2·B prompts and completions in block layout, got {len(prompts)} and "
                              f"{len(completions)}")
@@ -86,7 +86,7 @@ class PairwiseOracleReward:
 
 
 def resolve_model(name: str, workdir: Path) -> str:
-    from trainers.models import build_tiny_model, smollm2_hf_folder
+    from nashray.models import build_tiny_model, smollm2_hf_folder
     if name == "smollm2":
         return str(smollm2_hf_folder())
     if name == "tiny":
@@ -96,7 +96,7 @@ def resolve_model(name: str, workdir: Path) -> str:
 
 def round_prompts(steps: int, per_step: int) -> list[list[str]]:
     """The prompts of nashray's rounds 0..steps-1 (no held-out split): both sides train on exactly these."""
-    from cluster.prompts import load_prompts, split_prompts
+    from nashray.cluster.prompts import load_prompts, split_prompts
     split = split_prompts(load_prompts("builtin:demo"), 0.0, 0)
     return [[p.prompt for p in split.for_round(t, per_step)] for t in range(steps)]
 
@@ -109,8 +109,8 @@ def trl_side(folder: str, args: dict, mode: str) -> dict:
     from transformers import TrainerCallback
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from oracles.rules import build_rule
-    from trainers.models import load_causal_lm, load_tokenizer
+    from nashray.oracles.rules import build_rule
+    from nashray.models import load_causal_lm, load_tokenizer
     torch.set_num_threads(args["threads"])
     if mode == "vllm_colocate":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
@@ -210,7 +210,7 @@ def nashray_side(folder: str, args: dict, overrides: dict | None = None) -> dict
     """One campaign; ``overrides``: dotted config keys on top of :func:`nashray_config` (the scaling benchmark)."""
     import yaml
 
-    from cluster.driver import run_campaign
+    from nashray.cluster.driver import run_campaign
     workdir = Path(tempfile.mkdtemp(prefix="nashray-bench-e2e-"))
     config_path = workdir / "campaign.yaml"
     config_path.write_text(yaml.safe_dump(nashray_config(folder, args, str(workdir / "run"))))

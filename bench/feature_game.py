@@ -7,7 +7,7 @@ depends only on its class distribution q, estimated from its held-out answers:
     exploitability              = max_c (Mq)_c − ½
     regularized exploitability  = τ·log Σ_c r_c·exp((Mq)_c/τ) + τ·KL(π‖π_ref) − ½
 
-with r the initial policy's class distribution and KL from the learner's log-probs (``cluster.evaluation.
+with r the initial policy's class distribution and KL from the learner's log-probs (``nashray.cluster.evaluation.
 feature_game_metrics``). The bins are chosen from SmolLM2's own answers so that the initial policy is far from the
 regularised Nash of M. INPO, Nash-MD and iterative DPO each train SmolLM2-135M-Instruct through the real pipeline
 (vLLM generator, DeepSpeed learner) and are evaluated every round on the same held-out prompts; the figures, with
@@ -43,9 +43,9 @@ def initial_policy_figures(run_dir: Path) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from cluster.evaluation import feature_game_metrics
-    from cluster.run_dir import RunDir
-    from oracles.rules import build_rule
+    from nashray.cluster.evaluation import feature_game_metrics
+    from nashray.layout import RunDir
+    from nashray.oracles.rules import build_rule
     rule = build_rule("cyclic", JUDGE["options"])
     baseline = pq.read_table(RunDir(run_dir).eval_dir / "baseline.parquet").to_pylist()
     classes = [rule.feature(b["response"]) for b in baseline]

@@ -3,7 +3,7 @@ peak they reach.
 
 1. **Peak**: bf16 (and fp32) ``torch.matmul`` of square matrices on ``--threads`` threads, GFLOP/s = 2n³ / t,
    the best median over n ∈ {1024, 2048, 3072}.
-2. **Rounds**: the campaign's persistent learner (``trainers.learner.Learner``: Ray Train + DeepSpeed, one worker,
+2. **Rounds**: the campaign's persistent learner (``nashray.trainers.learner.Learner``: Ray Train + DeepSpeed, one worker,
    bf16, ``--threads`` torch threads, micro-batch 8, AdamW) trains ``--rounds`` rounds of ``--pairs`` online-DPO
    pairs each (real SmolLM2 chat-template prompts of ``builtin:demo``, random response tokens of
    ``--response-tokens``), exactly as a campaign round calls it. The first round is a warm-up.
@@ -66,8 +66,8 @@ def round_records(folder: str, pairs: int, response_tokens: int, seed: int) -> l
     """Training records of the campaign's contract: demo prompts in the chat template, random response tokens."""
     import numpy as np
 
-    from cluster.prompts import load_prompts
-    from trainers.models import load_tokenizer
+    from nashray.cluster.prompts import load_prompts
+    from nashray.models import load_tokenizer
     tokenizer = load_tokenizer(folder)
     prompts = load_prompts("builtin:demo")
     rng = np.random.default_rng(seed)
@@ -90,7 +90,7 @@ def processed_tokens(records: list[dict]) -> int:
 
 
 def learner_config(folder: str, args) -> "CampaignConfig":  # noqa: F821
-    from cluster.config import CampaignConfig
+    from nashray.cluster.config import CampaignConfig
     return CampaignConfig.model_validate({
         "model": {"path": folder, "dtype": "bfloat16", "max_prompt_tokens": 96},
         "algorithm": {"name": "online_dpo", "beta": 0.1},
@@ -106,10 +106,10 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
     import ray
     import ray.data
 
-    from cluster.config import dump_config
-    from cluster.ray_util import init_local_ray
-    from cluster.run_dir import RunDir
-    from trainers.learner import Learner
+    from nashray.cluster.config import dump_config
+    from nashray.cluster.ray_util import init_local_ray
+    from nashray.layout import RunDir
+    from nashray.trainers.learner import Learner
 
     cfg = learner_config(folder, args)
     run_dir = RunDir(cfg.storage.run_dir)
@@ -164,8 +164,8 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
                        "MASTER_PORT": str(_free_port())})
     import deepspeed
 
-    from trainers.algorithms import get_algorithm
-    from trainers.learner import RoundData, _score, build_optimizer, build_policy, deepspeed_config
+    from nashray.trainers.algorithms import get_algorithm
+    from nashray.trainers.learner import RoundData, _score, build_optimizer, build_policy, deepspeed_config
     torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     cfg = learner_config(folder, args)
@@ -254,8 +254,8 @@ def main() -> None:
     setup_environment()
     run = Run("learner", vars(args))
 
-    from trainers.models import load_causal_lm, smollm2_hf_folder
-    from trainers.weights import find_tied
+    from nashray.models import load_causal_lm, smollm2_hf_folder
+    from nashray.weights import find_tied
     folder = str(smollm2_hf_folder())
     model = load_causal_lm(folder, "bfloat16")
     state = model.state_dict()

@@ -1,11 +1,11 @@
 """Nash-MD's mixture sampling, π_θ^{1−β}·π_ref^{β} renormalised at every token: the vLLM engine against the HF engine.
 
-Both sides are the generator's own engines (``actors.engines``), in this process, on the same Nash-MD config: the
+Both sides are the generator's own engines (``nashray.actors.engines``), in this process, on the same Nash-MD config: the
 same model and dtype, the first ``--prompts`` prompts of ``builtin:demo`` in the model's chat template, ``--k``
 samples per prompt, ``--max-new-tokens``, temperature 1, top-p 1, the same number of CPU threads.
 
 - **vLLM** (``VLLMEngine.sample(..., "mixture")``): one in-process vLLM-CPU engine (eager, ``uni`` executor) whose
-  model is ``actors.vllm_mixture.PolicyReferencePair``; every step runs both decoder stacks and samples from the
+  model is ``nashray.actors.vllm_mixture.PolicyReferencePair``; every step runs both decoder stacks and samples from the
   combined log-probs, with the per-token log-probs the generator reports.
 - **HF** (``HFEngine.sample(..., "mixture")``): transformers' two models, a token-by-token loop with a KV cache per
   model, the n samples of a prompt as one batch.
@@ -55,9 +55,9 @@ def main() -> None:
 
     import torch
 
-    from actors.engines import HFEngine, VLLMEngine
-    from cluster.config import CampaignConfig
-    from cluster.prompts import load_prompts
+    from nashray.actors.engines import HFEngine, VLLMEngine
+    from nashray.cluster.config import CampaignConfig
+    from nashray.cluster.prompts import load_prompts
 
     torch.set_num_threads(args.threads)
     folder = resolve_model(args.model)

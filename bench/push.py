@@ -110,7 +110,7 @@ def write_random_llama(folder: Path, shape: dict, dtype: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainers.models import load_tokenizer, smollm2_hf_folder, torch_dtype
+    from nashray.models import load_tokenizer, smollm2_hf_folder, torch_dtype
     tokenizer = load_tokenizer(str(smollm2_hf_folder()))
     config = LlamaConfig(vocab_size=max(shape["vocab"], len(tokenizer)), hidden_size=shape["hidden"],
                          intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
@@ -128,7 +128,7 @@ def write_random_llama(folder: Path, shape: dict, dtype: str) -> Path:
 
 
 def model_folder(size: str, workdir: Path, dtype: str) -> str:
-    from trainers.models import build_tiny_model, smollm2_hf_folder
+    from nashray.models import build_tiny_model, smollm2_hf_folder
     if size == "1m":
         return str(build_tiny_model(workdir / "tiny-1m", seed=0, hidden=128, layers=6))
     if size == "135m":
@@ -150,11 +150,11 @@ def bench_engine(size: str, args, workdir: Path) -> dict:
     import ray
     import torch
 
-    from actors.generator import GeneratorActor
-    from cluster.config import CampaignConfig
-    from trainers.logprobs import causal_lm_sequence_logprobs
-    from trainers.models import load_causal_lm
-    from trainers.weights import ObjectStoreTransport, find_tied
+    from nashray.actors.generator import GeneratorActor
+    from nashray.cluster.config import CampaignConfig
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.models import load_causal_lm
+    from nashray.weights import ObjectStoreTransport, find_tied
 
     folder = model_folder(size, workdir, args.dtype)
     config = CampaignConfig.model_validate({
@@ -215,8 +215,8 @@ def bench_transport(size: str, args) -> dict:
     import ray
     import torch
 
-    from trainers.models import torch_dtype
-    from trainers.weights import ObjectStoreTransport
+    from nashray.models import torch_dtype
+    from nashray.weights import ObjectStoreTransport
     state = synthetic_llama_state(torch_dtype(args.dtype), ONE_B_SHAPE)
     receiver = ray.remote(PushReceiver).options(num_cpus=1).remote()
     transport = ObjectStoreTransport()
@@ -267,7 +267,7 @@ def main() -> None:
     setup_environment()
     run = Run("push", vars(args))
 
-    from cluster.ray_util import init_local_ray
+    from nashray.cluster.ray_util import init_local_ray
     init_local_ray(num_cpus=2 + args.generators, object_store_gib=3.0 if "1b" in sizes else 1.5,
                    temp_dir=tmp_ray_dir())
     workdir = Path(tempfile.mkdtemp(prefix="nashray-bench-push-"))

@@ -28,11 +28,11 @@ def _overrides(pairs: list[str]) -> dict:
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that name a mistake in what the user gave — a config field, a prompt file and row, a model, a
     checkpoint file, a run directory: printed as their one message, without a traceback (``--verbose`` adds it)."""
-    from cluster.checkpoints import CheckpointError
-    from cluster.config import ConfigError
-    from cluster.export import ExportError
-    from cluster.prompts import PromptDataError
-    from cluster.run_dir import RunDirError
+    from nashray.trainers.checkpoints import CheckpointError
+    from nashray.cluster.config import ConfigError
+    from nashray.cluster.export import ExportError
+    from nashray.cluster.prompts import PromptDataError
+    from nashray.layout import RunDirError
     return ConfigError, PromptDataError, CheckpointError, RunDirError, ExportError
 
 
@@ -43,7 +43,7 @@ def model_problem(ref: str) -> str | None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from trainers.models import resolve_model_path
+    from nashray.models import resolve_model_path
     try:
         resolved = resolve_model_path(ref)
     except (FileNotFoundError, RuntimeError) as err:  # a folder without config.json; SmolLM2 without its package
@@ -70,7 +70,7 @@ def _oracle_models(field: str, oracle) -> list[tuple[str, str]]:
 def check_models(cfg) -> None:
     """Raise ConfigError naming the field when a model the campaign loads — the policy, a model judge — is not
     available here: before any actor starts, where transformers would fail inside one, its traceback about repo ids."""
-    from cluster.config import ConfigError
+    from nashray.cluster.config import ConfigError
     refs = [("model.path", cfg.model.path)] if cfg.generators.engine != "tabular" else []
     refs += _oracle_models("judges.oracle", cfg.judges.oracle)
     if cfg.evaluation.oracle is not None:
@@ -82,12 +82,12 @@ def check_models(cfg) -> None:
 
 
 def cmd_run(args) -> int:
-    from cluster.config import load_config
-    from cluster.console import QuietConsole
-    from cluster.driver import run_campaign
-    from cluster.progress import Progress
-    from cluster.report import build_report
-    from cluster.run_dir import RunDir
+    from nashray.cluster.config import load_config
+    from nashray.cluster.console import QuietConsole
+    from nashray.cluster.driver import run_campaign
+    from nashray.cluster.progress import Progress
+    from nashray.cluster.report import build_report
+    from nashray.layout import RunDir
     overrides = _overrides(args.set)
     if args.run_dir:
         overrides["storage.run_dir"] = args.run_dir
@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     """`ray job submit` of `nashray run CONFIG` to a running cluster, with this checkout as the working dir."""
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    entry = ["python", "-m", "cluster.cli", "run", os.path.basename(args.config)] + sum(
+    entry = ["python", "-m", "nashray.cluster.cli", "run", os.path.basename(args.config)] + sum(
         (["--set", s] for s in args.set or []), [])
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray_cli, "job", "submit", "--address", address, "--working-dir", args.working_dir,
@@ -117,21 +117,21 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from cluster.report import campaign_status, format_status
+    from nashray.cluster.report import campaign_status, format_status
     status = campaign_status(args.run_dir)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
 def cmd_report(args) -> int:
-    from cluster.report import build_report
+    from nashray.cluster.report import build_report
     report = build_report(args.run_dir)
     print(f"report: {report.path} ({len(report.plots)} plots; overview: {report.images['overview']})")
     return 0
 
 
 def cmd_export(args) -> int:
-    from cluster.export import export_model
+    from nashray.cluster.export import export_model
     out = export_model(args.run_dir, args.out, args.round)
     print(f"exported: {out} (HF model folder with README.md model card)")
     return 0
@@ -157,9 +157,9 @@ def _eval_oracle(args, campaign) -> dict:
 
 def cmd_eval(args) -> int:
     """Two models head to head on held-out prompts, judged by an oracle: A's win rate over B."""
-    from cluster.config import load_config
-    from cluster.evaluation import head_to_head
-    from cluster.prompts import load_prompts, split_prompts
+    from nashray.cluster.config import load_config
+    from nashray.cluster.evaluation import head_to_head
+    from nashray.cluster.prompts import load_prompts, split_prompts
     campaign = load_config(args.config) if args.config else None
     if args.prompts or campaign is None:
         prompts = load_prompts(args.prompts or "builtin:demo", args.prompt_field)

@@ -114,7 +114,7 @@ class NashMD(_Algorithm):
 
     The REINFORCE surrogate is valid at the sampling policy only. With ``clip_ratio`` ε (default 0.2, PPO's value:
     Schulman et al. 2017, arXiv 1707.06347) the loss weights each sample by its importance ratio π_θ(y)/π_t(y)
-    clipped to 1 ± ε and adds the proximal term (1 − β)τ/β·KL(π_θ ‖ π_t) (``trainers.losses.nash_md_clipped_loss``):
+    clipped to 1 ± ε and adds the proximal term (1 − β)τ/β·KL(π_θ ‖ π_t) (``nashray.trainers.losses.nash_md_clipped_loss``):
     its first step is the REINFORCE step, and however many steps a round takes, they climb towards Nash-MD's
     mirror-descent step π_{t+1} ∝ π_t^{1−β} π_ref^{β} exp(η P(y ≻ π_mix)), η = β/τ, not past it. ``clip_ratio: null``
     is the plain surrogate, refused unless a round is one optimizer step.
@@ -198,19 +198,19 @@ class MatrixOracleConfig(Strict):
 
 class RuleOracleConfig(Strict):
     kind: Literal["rule"]
-    rule: str = Field(..., description="a rule oracle's name, see oracles.rules.RULES")
+    rule: str = Field(..., description="a rule oracle's name, see nashray.oracles.rules.RULES")
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _buildable(self) -> "RuleOracleConfig":
-        from oracles.rules import build_rule
+        from nashray.oracles.rules import build_rule
         build_rule(self.rule, self.options)  # an unknown rule or option fails at load, naming what exists
         return self
 
 
 def _judging_template(template: str | None) -> str | None:
     if template is not None:
-        from oracles.judging import check_template
+        from nashray.oracles.judging import check_template
         check_template(template)
     return template
 

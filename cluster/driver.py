@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.actor_pool import ActorPool
-from cluster.config import CampaignConfig, dump_config, load_config
-from cluster.console import QuietConsole, link_ray_logs
-from cluster.metrics import RoundLoggers
-from cluster.progress import Progress
-from cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_campaign_prompts
-from cluster.run_dir import CampaignState, RunDir, atomic_write_json, read_table, write_table
-from trainers.pairs import cyclic_triads
+from nashray.cluster.actor_pool import ActorPool
+from nashray.cluster.config import CampaignConfig, dump_config, load_config
+from nashray.cluster.console import QuietConsole, link_ray_logs
+from nashray.cluster.metrics import RoundLoggers
+from nashray.cluster.progress import Progress
+from nashray.cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_campaign_prompts
+from nashray.layout import DATASET_DONE, CampaignState, RunDir, atomic_write_json, newest_checkpoint, read_table, write_table
+from nashray.trainers.pairs import cyclic_triads
 
 
 @dataclass
@@ -74,7 +74,7 @@ def round_seed(cfg: CampaignConfig, t: int, stream: str) -> int:
 
 def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
     """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
-    :meth:`actors.generator.GeneratorActor.generate`). Each generator continues its own stream, seeded by campaign
+    :meth:`nashray.actors.generator.GeneratorActor.generate`). Each generator continues its own stream, seeded by campaign
     seed and rank."""
     n = len(roles.generators)
     chunks = [(prompts[i::n], k, source, None, score) for i in range(n) if prompts[i::n]]
@@ -200,7 +200,7 @@ def verify_push(roles: Roles, probe: dict) -> float:
 
 class Campaign:
     def __init__(self, cfg: CampaignConfig, run: RunDir, progress: Progress | None = None):
-        from trainers.algorithms import get_algorithm
+        from nashray.trainers.algorithms import get_algorithm
         self.cfg = cfg
         self.run = run
         self.algorithm = get_algorithm(cfg.algorithm.name)
@@ -228,7 +228,7 @@ class Campaign:
         restarts, prepare_start = (roles.generators.restarts, roles.judges.restarts), timer()
 
         prompts = [p.as_dict() for p in self.split.for_round(t, cfg.schedule.prompts_per_round)]
-        samples_path = round_dir / "samples.parquet"
+        samples_path = run.samples_path(t)
         with progress.phase("generate", t) as ph:
             if samples_path.exists():
                 samples = read_table(samples_path)
@@ -253,7 +253,7 @@ class Campaign:
         metrics["mean_response_tokens"] = float(np.mean([len(s["response_ids"]) for s in policy]))
         metrics["staleness"] = train_version - min(int(s["version"]) for s in policy)
 
-        judgements_path = round_dir / "judgements.parquet"
+        judgements_path = run.judgements_path(t)
         with progress.phase("judge", t) as ph:
             if judgements_path.exists():
                 rows = read_table(judgements_path)
@@ -282,7 +282,7 @@ class Campaign:
                                f"{metrics['judge_dropped']} dropped, {len(records)} records, "
                                f"{metrics['stale_records_dropped']} more than schedule.max_staleness="
                                f"{cfg.schedule.max_staleness} versions old); see {judgements_path}")
-        dataset = self._persist_dataset(fresh, round_dir / "train")
+        dataset = self._persist_dataset(fresh, run.train_dir(t))
         metrics["prepare_s"] = timer() - prepare_start
         metrics["generator_restarts"] = roles.generators.restarts - restarts[0]
         metrics["judge_restarts"] = roles.judges.restarts - restarts[1]
@@ -319,7 +319,7 @@ class Campaign:
     def _persist_dataset(self, records: list[dict], train_dir: Path):
         """The round's training data as a Ray Data dataset, written as parquet before any training starts."""
         import ray.data
-        if not (train_dir / "_SUCCESS").exists():
+        if not (train_dir / DATASET_DONE).exists():
             tmp = train_dir.with_name("train.tmp")
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
@@ -327,7 +327,7 @@ class Campaign:
             # The round's actors may hold every CPU of the cluster: Ray Data's tasks must not wait for one.
             ray.data.from_arrow(pa.Table.from_pylist(records)).write_parquet(str(tmp),
                                                                             ray_remote_args={"num_cpus": 0})
-            (tmp / "_SUCCESS").write_text(str(len(records)))
+            (tmp / DATASET_DONE).write_text(str(len(records)))
             shutil.rmtree(train_dir, ignore_errors=True)
             tmp.rename(train_dir)
         # The files are read here and handed over as one materialized dataset: a round's records are megabytes, and
@@ -337,16 +337,16 @@ class Campaign:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, roles: Roles, push) -> dict:
-        from cluster.evaluation import evaluate_round
+        from nashray.cluster.evaluation import evaluate_round
         return evaluate_round(self, roles, push)
 
     # ---------------------------------------------------------------- the campaign
     def start_roles(self, state: CampaignState) -> Roles:
         import ray
-        from actors.generator import GeneratorActor
-        from actors.judge import JudgeActor
-        from cluster.placement import actor_options, check_placeable
-        from trainers.learner import Learner
+        from nashray.actors.generator import GeneratorActor
+        from nashray.actors.judge import JudgeActor
+        from nashray.cluster.placement import actor_options, check_placeable
+        from nashray.trainers.learner import Learner
 
         cfg, run = self.cfg, self.run
         check_placeable(cfg)
@@ -377,7 +377,7 @@ class Campaign:
         except BaseException:
             roles.shutdown()
             raise
-        atomic_write_json(run.root / "roles.json", placed)  # where each role runs, for `nashray status`
+        atomic_write_json(run.roles_path, placed)  # where each role runs, for `nashray status`
         if cfg.generators.weight_transport == "broadcast":
             host, port = learner.open_broadcast(len(generators), cfg.generators.broadcast_backend,
                                                 cfg.generators.timeout_s)
@@ -393,7 +393,7 @@ class Campaign:
         if state.checkpoint:  # generators start from the base model: bring them to the resumed version
             push_weights(roles, roles.learner.current_weights(state.version), state.version)
         elif cfg.evaluation.every_rounds:
-            from cluster.evaluation import ensure_baseline
+            from nashray.cluster.evaluation import ensure_baseline
             ensure_baseline(self, roles)
         overlap = ThreadPoolExecutor(1, thread_name_prefix="nashray-next-round") if cfg.schedule.async_rounds else None
         prepared = None
@@ -408,7 +408,7 @@ class Campaign:
                 metrics["round_s"] = time.perf_counter() - start
                 state = CampaignState(rounds_completed=t + 1, version=state.version + 1,
                                       checkpoint=str(run.checkpoint_dir(t)))
-                atomic_write_json(run.round_dir(t) / "metrics.json", metrics)
+                atomic_write_json(run.round_metrics_path(t), metrics)
                 run.record_metrics(metrics)
                 self.loggers.log_round(metrics)  # RUN_DIR/tb/, W&B, MLflow: views of metrics.jsonl
                 run.write_state(state)  # last: a crash before this line replays (from its files) only this round
@@ -439,7 +439,7 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
     """Start (or resume) a campaign and run it to its last round; returns its run directory. With a ``console``
     (`nashray run` without ``--verbose``) the driver's output moves into RUN_DIR/logs/ and the actors' stays in Ray's
     logs: the terminal shows only the progress lines."""
-    from cluster.ray_util import init_local_ray
+    from nashray.cluster.ray_util import init_local_ray
 
     if resume:
         run = RunDir(resume)
@@ -448,12 +448,11 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         state = run.read_state()
         if state.checkpoint and not run.complete_checkpoint(state.rounds_completed - 1):
             raise RuntimeError(f"{run.root}: state.json names checkpoint {state.checkpoint}, which is incomplete")
-        from cluster.checkpoints import validate_checkpoint
-        from trainers.learner import newest_checkpoint
-        for checkpoint in {newest_checkpoint(run.root / "checkpoints"), state.checkpoint} - {None}:
+        from nashray.trainers.checkpoints import validate_checkpoint
+        for checkpoint in {newest_checkpoint(run.checkpoints_root), state.checkpoint} - {None}:
             validate_checkpoint(checkpoint, cfg)  # names the bad file before any actor starts
         if overrides:  # the resumed config, e.g. with more generators, is the one in force from now on
-            from cluster.run_dir import atomic_write_bytes
+            from nashray.layout import atomic_write_bytes
             atomic_write_bytes(run.config_path, dump_config(cfg).encode())
     else:
         cfg = load_config(config_path, overrides)
@@ -463,7 +462,7 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         run.create(dump_config(cfg))
         state = run.read_state()
     campaign = Campaign(cfg, run, progress)
-    log_dir = run.root / "logs"
+    log_dir = run.logs_dir
     if console is not None:
         console.move_to(log_dir)
         campaign.progress.note(f"logs (Ray, vLLM, DeepSpeed): {log_dir}/")

@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from cluster.run_dir import atomic_write_json, read_table, write_table
+from nashray.layout import RunDir, atomic_write_json, read_table, write_table
 
 Z95 = 1.959963984540054
 LC_PRIOR_PRECISION = (0.1, 0.1)
@@ -201,7 +201,7 @@ def feature_game_metrics(M: np.ndarray, policy_classes, ref_classes, kl_terms, t
     the initial answers, resampled independently)."""
     from scipy.special import logsumexp
 
-    from oracles.games import regularized_nash
+    from nashray.oracles.games import regularized_nash
     classes = M.shape[0]
     policy_classes, ref_classes = np.asarray(policy_classes), np.asarray(ref_classes)
     kl_terms = None if kl_terms is None else np.asarray(kl_terms, dtype=float)
@@ -237,7 +237,7 @@ def declared_feature_game(oracle_cfg):
     (``feature`` and ``feature_game``), else None."""
     if oracle_cfg is None or oracle_cfg.kind != "rule":
         return None
-    from oracles.rules import build_rule
+    from nashray.oracles.rules import build_rule
     rule = build_rule(oracle_cfg.rule, oracle_cfg.options)
     return rule if hasattr(rule, "feature_game") else None
 
@@ -250,14 +250,14 @@ def _plain_sampling(cfg) -> bool:
 
 
 def _baseline_paths(campaign):
-    return campaign.run.eval_dir / "baseline.parquet", campaign.run.eval_dir / "baseline.json"
+    return campaign.run.baseline_path, campaign.run.baseline_info_path
 
 
 def ensure_baseline(campaign, roles) -> None:
     """The initial policy's answers to the held-out prompts, generated once before the first update, with their
     log π_ref scored by the learner (whose forward keeps only the response positions' logits; vLLM's prompt
     log-probs compute the LM head at every prompt token, minutes for 64 answers on 2 cores)."""
-    from cluster.driver import generate
+    from nashray.cluster.driver import generate
     path, info_path = _baseline_paths(campaign)
     cfg = campaign.cfg
     if path.exists() or campaign.tabular or not campaign.split.eval or not cfg.evaluation.prompts:
@@ -291,9 +291,9 @@ def _eval_judges(campaign, roles):
     if pool is None:
         import ray
 
-        from actors.judge import JudgeActor
-        from cluster.actor_pool import ActorPool
-        from cluster.placement import actor_options
+        from nashray.actors.judge import JudgeActor
+        from nashray.cluster.actor_pool import ActorPool
+        from nashray.cluster.placement import actor_options
         judge_cls = ray.remote(JudgeActor).options(**actor_options(cfg.judges.resources))
         oracle = cfg.evaluation.oracle.model_dump(mode="json")
         pool = ActorPool("eval judge", lambda rank: judge_cls.remote(oracle, str(campaign.run.judge_cache),
@@ -307,7 +307,7 @@ def _eval_judges(campaign, roles):
 def evaluate_round(campaign, roles, push) -> dict:
     if campaign.tabular:
         return _evaluate_tabular(campaign, push)
-    from cluster.driver import generate
+    from nashray.cluster.driver import generate
     path, info_path = _baseline_paths(campaign)
     if not path.exists():
         return {}
@@ -361,14 +361,14 @@ def evaluate_round(campaign, roles, push) -> dict:
              "initial_ref_logprob": b.get("ref_logprob"), "initial_policy_logprob": policy_of.get(b["prompt_id"])}
             for b, s, v in zip(baseline, answers, verdicts)]
     # the push of round t carries version t + 1 (one version per round, from 0)
-    write_table(campaign.run.round_dir(push.version - 1) / "eval.parquet", rows)
+    write_table(campaign.run.eval_path(push.version - 1), rows)
     out["eval_s"] = time.perf_counter() - start
     return out
 
 
 def _evaluate_tabular(campaign, push) -> dict:
-    from oracles import games
-    from trainers.weights import push_state_dict
+    from nashray.oracles import games
+    from nashray.weights import push_state_dict
     game = games.load_game(campaign.cfg.data.game)
     logits = push_state_dict(push)["logits"].double().numpy()
     pi = np.exp(logits - logits.max(-1, keepdims=True))
@@ -386,11 +386,8 @@ def _evaluate_tabular(campaign, push) -> dict:
         out["avg_exploitability"] = games.exploitability(game.P, average)
         out["avg_regularized_exploitability"] = games.regularized_exploitability(game.P, game.pi_ref, average, tau)
     policy = {name: p.tolist() for name, p in zip(game.prompts, pi)}
-    atomic_write_json(campaign.run.root / "policy.json", policy)
+    atomic_write_json(campaign.run.policy_path, policy)
     return out
-
-
-AVERAGE_POLICY = "average_policy.json"
 
 
 def running_average_policy(run, t: int, prompts: list[str], pi: np.ndarray) -> np.ndarray | None:
@@ -402,13 +399,13 @@ def running_average_policy(run, t: int, prompts: list[str], pi: np.ndarray) -> n
     if t == 0:
         average = pi
     else:
-        previous = run.round_dir(t - 1) / AVERAGE_POLICY
+        previous = run.average_policy_path(t - 1)
         if not previous.is_file():
             return None
         saved = json.loads(previous.read_text())
         before = np.array([saved["policy"][name] for name in prompts], dtype=np.float64)
         average = before + (pi - before) / (t + 1)
-    atomic_write_json(run.round_dir(t) / AVERAGE_POLICY,
+    atomic_write_json(run.average_policy_path(t),
                       {"rounds": t + 1, "policy": {name: p.tolist() for name, p in zip(prompts, average)}})
     return average
 
@@ -420,7 +417,6 @@ def checkpoint_or_model(path: str) -> str:
     (a checkpoint folder, an HF folder or id, ``smollm2-135m-instruct``) is passed through."""
     from pathlib import Path
 
-    from cluster.run_dir import RunDir
     folder = Path(path).expanduser()
     if (folder / "state.json").is_file():
         state = RunDir(folder).read_state()
@@ -432,7 +428,7 @@ def checkpoint_or_model(path: str) -> str:
 
 def _generate_with(config: dict, prompts: list[dict], seed: int) -> list[dict]:
     """One answer per prompt from the model of ``config``, generated in this process."""
-    from actors.generator import GeneratorActor
+    from nashray.actors.generator import GeneratorActor
     return GeneratorActor(config).generate(prompts, 1, "policy", seed=seed)
 
 
@@ -445,8 +441,8 @@ def head_to_head(model_a: str, model_b: str, prompts: list[dict], oracle: dict, 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from actors.judge import JudgeActor
-    from cluster.config import CampaignConfig
+    from nashray.actors.judge import JudgeActor
+    from nashray.cluster.config import CampaignConfig
     if engine not in ("hf", "vllm"):
         raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
     if not prompts:

@@ -12,9 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-from cluster.checkpoints import DONE_MARKER, validate_checkpoint
-from cluster.config import load_config
-from cluster.run_dir import RunDir
+from nashray.trainers.checkpoints import validate_checkpoint
+from nashray.cluster.config import load_config
+from nashray.layout import CHECKPOINT_DONE, RunDir, newest_checkpoint
 
 
 class ExportError(ValueError):
@@ -22,9 +22,8 @@ class ExportError(ValueError):
 
 
 def _checkpoint(run: RunDir, round_index: int | None) -> Path:
-    from trainers.learner import newest_checkpoint
-    complete = sorted(p.name for p in (run.root / "checkpoints").glob("round-*") if (p / DONE_MARKER).is_file())
-    ckpt = newest_checkpoint(run.root / "checkpoints") if round_index is None else run.complete_checkpoint(round_index)
+    complete = sorted(p.name for p in run.checkpoints_root.glob("round-*") if (p / CHECKPOINT_DONE).is_file())
+    ckpt = newest_checkpoint(run.checkpoints_root) if round_index is None else run.complete_checkpoint(round_index)
     if ckpt is None:
         which = "any round" if round_index is None else f"round {round_index}"
         raise ExportError(f"{run.root} has no complete checkpoint of {which} (complete: {complete or 'none'}; "
@@ -37,7 +36,7 @@ def _copy_weights(ckpt: Path, out: Path) -> str:
     parameter, so the files are copied as they are; a learner that trains adapters (LoRA) would merge them into the
     base weights here, so that the export stays a plain model."""
     for path in sorted(ckpt.iterdir()):
-        if path.is_file() and path.name != DONE_MARKER:
+        if path.is_file() and path.name != CHECKPOINT_DONE:
             shutil.copy2(path, out / path.name)
     return ("Full weights: nashray's learner trains every parameter of the policy (no LoRA adapters), so these are "
             "the checkpoint's weights as saved.")
@@ -48,7 +47,7 @@ def _hub_id(model_path: str) -> str | None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from trainers.models import SMOLLM2
+    from nashray.models import SMOLLM2
     if model_path.lower() == SMOLLM2 or Path(model_path).expanduser().exists():
         return None
     try:
@@ -123,7 +122,7 @@ def export_model(run_dir: str | Path, out: str | Path, round_index: int | None =
     out = Path(out).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not an empty folder: an export never overwrites")
-    done = json.loads((ckpt / DONE_MARKER).read_text())
+    done = json.loads((ckpt / CHECKPOINT_DONE).read_text())
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -1,7 +1,7 @@
 """A campaign's round metrics as TensorBoard scalars under RUN_DIR/tb/ (``tensorboard --logdir RUN_DIR/tb``), and in
 a W&B run and an MLflow run where the config's ``logging`` section asks for them.
 
-metrics.jsonl (written by :meth:`cluster.run_dir.RunDir.record_metrics`) stays the record of truth; the others are
+metrics.jsonl (written by :meth:`nashray.layout.RunDir.record_metrics`) stays the record of truth; the others are
 views of it: one scalar per numeric metric, step = round, tagged ``GROUP/metric`` so that related curves share a
 section.
 """
@@ -163,7 +163,7 @@ class RoundLoggers:
         self.runs.pop(name, None)
 
     def _open(self) -> None:
-        from cluster.run_dir import atomic_write_json
+        from nashray.layout import atomic_write_json
         ids = self._run_ids()
         for name in self.pending:
             try:

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from cluster.config import CampaignConfig, LearnerConfig, Resources
+from nashray.cluster.config import CampaignConfig, LearnerConfig, Resources
 
 # Ray takes these through num_cpus / num_gpus / memory, never through ``resources``.
 RESERVED = ("CPU", "GPU", "memory", "object_store_memory")

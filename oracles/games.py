@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.special import expit, logsumexp
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 
 _SKEW_TOLERANCE = 1e-9
 

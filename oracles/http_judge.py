@@ -1,7 +1,7 @@
 """A judge behind any OpenAI-compatible ``/v1/chat/completions`` endpoint (a hosted API, vLLM's server, or our own
-Ray Serve judge in :mod:`oracles.serve`).
+Ray Serve judge in :mod:`nashray.oracles.serve`).
 
-Each comparison is asked in both orders with the judging template (:mod:`oracles.judging`), ``max_tokens=1``,
+Each comparison is asked in both orders with the judging template (:mod:`nashray.oracles.judging`), ``max_tokens=1``,
 ``temperature=0`` and ``logprobs`` on. P(A) is the softmax over the verdict tokens' log-probabilities when the first
 token's ``top_logprobs`` list both (variants such as ``" A"`` pooled); otherwise the reply's text must say ``A`` or
 ``B`` and counts as P(A) = 1 or 0.
@@ -28,8 +28,8 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
-from oracles.judging import (DEFAULT_TEMPLATE, VERDICTS, check_template, judging_messages, order_questions,
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.judging import (DEFAULT_TEMPLATE, VERDICTS, check_template, judging_messages, order_questions,
                              parse_verdict_text, two_token_probability, verdicts_from_orders)
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import math
 import re
 import string
 
-from oracles.base import Comparison, Verdict
+from nashray.oracles.base import Comparison, Verdict
 
 VERDICTS = ("A", "B")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import math
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
-from oracles.judging import DEFAULT_TEMPLATE, check_template, order_questions, verdicts_from_orders
-from oracles.reward_model import ScalarHead, sigmoid
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.judging import DEFAULT_TEMPLATE, check_template, order_questions, verdicts_from_orders
+from nashray.oracles.reward_model import ScalarHead, sigmoid
 
 
 class PairwisePreferenceModel(PreferenceOracle):

@@ -25,7 +25,7 @@ import operator
 import re
 from typing import Callable
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 
 
 class Undecidable(ValueError):
@@ -247,7 +247,7 @@ class Cyclic(RuleOracle):
         self.classes, self.strength, self.feature_name, self.bins = classes, float(strength), feature, bins
         self._game = self.feature_game()
         if feature == "sentiment":
-            from oracles.sentiment import sentiment_class
+            from nashray.oracles.sentiment import sentiment_class
             self._sentiment = sentiment_class
 
     def feature(self, response: str) -> int:

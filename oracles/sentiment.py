@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 
 # VADER's documented thresholds on the compound score.
 NEGATIVE_BELOW, POSITIVE_FROM = -0.05, 0.05

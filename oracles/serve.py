@@ -1,5 +1,5 @@
 """The judge as a Ray Serve deployment speaking OpenAI's chat-completions protocol, so that HTTP judges
-(:mod:`oracles.http_judge`) anywhere in the cluster — or outside it — can call it.
+(:mod:`nashray.oracles.http_judge`) anywhere in the cluster — or outside it — can call it.
 
 ``POST {route_prefix}/v1/chat/completions`` answers with one token, the verdict ``A`` or ``B``: the judge decodes
 under a verdict constraint (as vLLM's structured outputs with a choice would), so its single token is always a
@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from oracles import build_oracle, oracle_config
-from oracles.judging import DEFAULT_TEMPLATE, VERDICTS, parse_judging_message
+from nashray.oracles import build_oracle, oracle_config
+from nashray.oracles.judging import DEFAULT_TEMPLATE, VERDICTS, parse_judging_message
 
 LOGPROB_FLOOR = -9999.0
 _UNSERVABLE = {"http": "serving an HTTP judge would only proxy another endpoint",
@@ -44,7 +44,7 @@ class ParsedComparisonJudge:
         self.oracle, self.template = oracle, template
 
     def verdict_logprobs(self, conversations: list[list[dict[str, str]]]) -> list[tuple[float, float] | str]:
-        from oracles.base import Comparison
+        from nashray.oracles.base import Comparison
         answers: list[tuple[float, float] | str | None] = [None] * len(conversations)
         parsed: list[tuple[int, Comparison]] = []
         for i, messages in enumerate(conversations):
@@ -125,7 +125,7 @@ def _replica_grpc_on_node_address() -> None:
 class JudgeServer:
     def __init__(self, oracle_cfg: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
                  seed: int = 0):
-        from oracles.llm_judge import LLMJudge
+        from nashray.oracles.llm_judge import LLMJudge
         _replica_grpc_on_node_address()
         cfg = oracle_config(oracle_cfg)
         if cfg.kind in _UNSERVABLE:

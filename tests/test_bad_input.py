@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, load_config, parse_config
-from cluster.prompts import PromptDataError, load_prompts
+from nashray.cluster.config import ConfigError, load_config, parse_config
+from nashray.cluster.prompts import PromptDataError, load_prompts
 
 # ------------------------------------------------------------------------------------------ campaign configs
 
@@ -143,7 +143,7 @@ def test_missing_config_file_and_override_into_a_value(tmp_path):
      [{"CPU": 6}], ["together need CPU=8", "eval judge CPU=2"]),            # the evaluation's own judge counts too
 ])
 def test_unplaceable_campaigns_name_the_role_and_resource(config, nodes, names):
-    from cluster.placement import NodeShape, check_placeable
+    from nashray.cluster.placement import NodeShape, check_placeable
     with pytest.raises(ValueError) as err:
         check_placeable(parse_config(config), shapes=[NodeShape(n) for n in nodes])
     for name in names:
@@ -204,7 +204,7 @@ def test_prompt_source_errors(tmp_path):
 
 
 def test_prompts_longer_than_the_model_context_fail_before_generation(tmp_path, tiny_model_dir):
-    from cluster.prompts import check_prompts_fit_model
+    from nashray.cluster.prompts import check_prompts_fit_model
 
     path = _write(tmp_path / "p.jsonl", '{"prompt": "what is two plus two?"}\n'
                                         '{"prompt_id": "essay", "prompt": "' + "the quick brown fox " * 40 + '"}\n')
@@ -224,7 +224,7 @@ def test_prompts_longer_than_the_model_context_fail_before_generation(tmp_path, 
 
 
 def test_a_generator_refuses_a_prompt_longer_than_max_prompt_tokens(tiny_model_dir):
-    from actors.engines import HFEngine, PromptTooLong
+    from nashray.actors.engines import HFEngine, PromptTooLong
     engine = HFEngine(parse_config({"model": {"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 16},
                                     "generators": {"engine": "hf"}}).model_dump(mode="json"))
     with pytest.raises(PromptTooLong, match=r"prompt 'row-7' is \d+ tokens with its chat template, over "
@@ -233,7 +233,7 @@ def test_a_generator_refuses_a_prompt_longer_than_max_prompt_tokens(tiny_model_d
 
 
 def test_an_eval_split_that_leaves_no_training_prompt():
-    from cluster.prompts import Prompt, split_prompts
+    from nashray.cluster.prompts import Prompt, split_prompts
     with pytest.raises(PromptDataError, match="2 prompts leave none for training with eval_fraction=0.9"):
         split_prompts([Prompt("a", "a"), Prompt("b", "b")], 0.9, seed=0)
 
@@ -264,14 +264,14 @@ def _top(*entries) -> dict:
     (_reply(content="Both are fine."), "names neither A nor B"),
 ])
 def test_bad_judge_replies_are_refused_naming_the_field(reply, reason):
-    from oracles.http_judge import BadReply, verdict_probability
+    from nashray.oracles.http_judge import BadReply, verdict_probability
     with pytest.raises(BadReply) as err:
         verdict_probability(reply)
     assert reason in str(err.value)
 
 
 def test_an_out_of_range_verdict_is_refused():
-    from oracles.base import Verdict
+    from nashray.oracles.base import Verdict
     with pytest.raises(ValueError, match=r"verdict probability 1.5 is outside \[0, 1\]"):
         Verdict(1.5)
     with pytest.raises(ValueError, match="a dropped verdict needs a reason"):
@@ -287,7 +287,7 @@ class MixedJudge(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self):
-        from oracles.judging import DEFAULT_TEMPLATE, parse_judging_message
+        from nashray.oracles.judging import DEFAULT_TEMPLATE, parse_judging_message
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt, first, _ = parse_judging_message(DEFAULT_TEMPLATE, body["messages"][-1]["content"])
         with self.server.lock:
@@ -329,8 +329,8 @@ def mixed_judge():
     ("garbage", "reply is not JSON", 2),
 ])
 def test_http_errors_and_oversized_replies_become_reasons(mixed_judge, prompt, reason, attempts):
-    from oracles.base import Comparison
-    from oracles.http_judge import HTTPJudge
+    from nashray.oracles.base import Comparison
+    from nashray.oracles.http_judge import HTTPJudge
     judge = HTTPJudge(mixed_judge.url, retries=1, backoff_s=0.01, both_orders=False, top_logprobs=0)
     verdict = judge.compare([Comparison(prompt, "short", "a longer answer")])[0]
     assert verdict.prob is None and reason in verdict.reason and f"attempt {attempts} of 2" in verdict.reason
@@ -342,7 +342,7 @@ def test_bad_replies_cost_only_their_own_comparisons_and_judged_ones_are_kept(ra
     """One batch mixing good questions with garbage, malformed, out-of-range and failing replies: each bad reply
     drops its own comparison with a reason, the rest are judged and persisted in the judge cache, so a restarted judge
     asks the endpoint only about the dropped ones."""
-    from actors.judge import JudgeActor
+    from nashray.actors.judge import JudgeActor
 
     ray, cache = ray_cluster, tmp_path / "judge-cache"
     oracle = {"kind": "http", "url": mixed_judge.url, "retries": 0, "both_orders": False, "top_logprobs": 0}
@@ -375,7 +375,7 @@ def test_bad_replies_cost_only_their_own_comparisons_and_judged_ones_are_kept(ra
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> str:
-    from trainers.models import build_tiny_model
+    from nashray.models import build_tiny_model
     return str(build_tiny_model(tmp_path_factory.mktemp("other-llama"), seed=1, hidden=96))
 
 
@@ -399,7 +399,7 @@ def _llm(model_dir, **learner) -> dict:
 
 
 def test_a_checkpoint_in_the_learner_layout_is_valid(checkpoint, tiny_model_dir):
-    from cluster.checkpoints import validate_checkpoint
+    from nashray.trainers.checkpoints import validate_checkpoint
     validate_checkpoint(checkpoint, _llm(tiny_model_dir))
 
 
@@ -454,14 +454,14 @@ def _drop_tensor(ckpt: Path) -> None:
      r"mp_rank_00_model_states.pt is not a readable torch.save file"),
 ])
 def test_damaged_checkpoints_name_the_file(checkpoint, tiny_model_dir, damage, message):
-    from cluster.checkpoints import CheckpointError, validate_checkpoint
+    from nashray.trainers.checkpoints import CheckpointError, validate_checkpoint
     damage(checkpoint)
     with pytest.raises(CheckpointError, match=message):
         validate_checkpoint(checkpoint, _llm(tiny_model_dir))
 
 
 def test_a_checkpoint_of_another_model_is_refused(checkpoint, tiny_model_dir, other_model_dir):
-    from cluster.checkpoints import CheckpointError, validate_checkpoint
+    from nashray.trainers.checkpoints import CheckpointError, validate_checkpoint
     cfg = _llm(tiny_model_dir)
     _config_of(other_model_dir)(checkpoint)  # the other model's config.json
     with pytest.raises(CheckpointError, match=r"round-0003/config.json: hidden_size is 96 but the campaign's model "
@@ -475,7 +475,7 @@ def test_a_checkpoint_of_another_model_is_refused(checkpoint, tiny_model_dir, ot
 
 
 def test_a_checkpoint_of_another_learner_layout_is_refused(checkpoint, tiny_model_dir):
-    from cluster.checkpoints import CheckpointError, validate_checkpoint
+    from nashray.trainers.checkpoints import CheckpointError, validate_checkpoint
     with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states.pt is missing: .* "
                                               r"\(learner.workers=2, learner.zero_stage=2"):
         validate_checkpoint(checkpoint, _llm(tiny_model_dir, workers=2, zero_stage=2))
@@ -487,9 +487,9 @@ def test_a_tabular_checkpoint_of_another_game_is_refused(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from cluster.checkpoints import CheckpointError, validate_checkpoint
-    from oracles.games import load_game
-    from trainers.tabular import TabularPolicy
+    from nashray.trainers.checkpoints import CheckpointError, validate_checkpoint
+    from nashray.oracles.games import load_game
+    from nashray.trainers.tabular import TabularPolicy
 
     cfg = {**TABULAR, "data": {"game": "builtin:rps"}}
     ckpt = tmp_path / "round-0000"
@@ -514,9 +514,9 @@ def _digests(root: Path) -> dict[str, str]:
 def test_a_resume_with_an_invalid_config_leaves_the_run_directory_untouched(tmp_path):
     """A campaign two rounds in; resuming it with a bad override, or after a bad hand edit of its config.yaml,
     fails naming the field before anything is started or written."""
-    from cluster.config import dump_config
-    from cluster.driver import run_campaign
-    from cluster.run_dir import CampaignState, RunDir, write_table
+    from nashray.cluster.config import dump_config
+    from nashray.cluster.driver import run_campaign
+    from nashray.layout import CampaignState, RunDir, write_table
 
     cfg = parse_config({**TABULAR, "data": {"game": "builtin:rps"}, "storage": {"run_dir": str(tmp_path / "run")}})
     run = RunDir(cfg.storage.run_dir)
@@ -551,7 +551,7 @@ def _nashray(*argv: str, env: dict | None = None):
     import subprocess
     import sys
     env = {key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None}  # None: unset
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nashray.cluster.cli", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
 
 
@@ -621,7 +621,7 @@ def test_a_model_not_available_here_is_named_by_its_field(tiny_model_dir, tmp_pa
     is accepted offline only when the local HF cache holds it."""
     from huggingface_hub import constants
 
-    from cluster.cli import check_models
+    from nashray.cluster.cli import check_models
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / "0123abcd"

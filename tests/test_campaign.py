@@ -29,8 +29,8 @@ def test_tabular_rps_inpo_reaches_regularised_nash(ray_cluster, tmp_path, async_
     (its generators' log-probs), each step from π_t is learned twice (rounds t+1 and t+2 both start from π_t's
     samples), so it needs more rounds; anchored on the learner's newest policy, it is a one-step-delayed INPO.
     Measured: < 1e-2 from round 5 synchronous, 14 learner-anchored, 17 generator-anchored."""
-    from cluster.driver import run_campaign
-    from oracles.games import load_game, regularized_exploitability
+    from nashray.cluster.driver import run_campaign
+    from nashray.oracles.games import load_game, regularized_exploitability
 
     config = write_config(
         tmp_path, seed=0,
@@ -85,8 +85,8 @@ def test_tiny_llm_online_dpo_two_workers_zero2(ray_cluster, tmp_path, tiny_model
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cluster.driver import run_campaign
-    from cluster.run_dir import read_table
+    from nashray.cluster.driver import run_campaign
+    from nashray.layout import read_table
 
     run = run_campaign(llm_config(tmp_path, tiny_model_dir, {"name": "online_dpo"}, workers=2, zero_stage=2))
     metrics = run.metrics()
@@ -122,8 +122,8 @@ def test_tiny_llm_online_dpo_two_workers_zero2(ray_cluster, tmp_path, tiny_model
 ], ids=["online_ipo", "iterative_dpo", "sppo-zero3", "dno_practical", "dno_regression", "inpo-zero2", "xpo",
         "nash_md-hf", "nash_md-vllm"])
 def test_tiny_llm_each_algorithm(ray_cluster, tmp_path, tiny_model_dir, algorithm, engine, zero_stage):
-    from cluster.driver import run_campaign
-    from cluster.run_dir import read_table
+    from nashray.cluster.driver import run_campaign
+    from nashray.layout import read_table
 
     run = run_campaign(llm_config(tmp_path, tiny_model_dir, algorithm, engine=engine, zero_stage=zero_stage,
                                   judges={"count": 1, "oracle": {"kind": "rule", "rule": "concise_answer"},
@@ -141,7 +141,7 @@ def test_tiny_llm_each_algorithm(ray_cluster, tmp_path, tiny_model_dir, algorith
 
 def test_weight_broadcast_transport_pushes_to_every_generator(ray_cluster, tmp_path, tiny_model_dir):
     """The bucketed collective push (NCCL on GPU nodes) run with the gloo backend: learner rank 0 → 2 generators."""
-    from cluster.driver import run_campaign
+    from nashray.cluster.driver import run_campaign
 
     run = run_campaign(llm_config(
         tmp_path, tiny_model_dir, {"name": "online_dpo"}, engine="hf",
@@ -158,10 +158,10 @@ def test_tiny_llm_one_step_off_rounds_anchor_on_the_generating_policy(ray_cluste
     are exactly the generating weights' (fp32), and INPO's π_t is taken from them."""
     import torch
 
-    from cluster.driver import run_campaign
-    from cluster.run_dir import read_table
-    from trainers.logprobs import causal_lm_sequence_logprobs
-    from trainers.models import load_causal_lm, load_tokenizer
+    from nashray.cluster.driver import run_campaign
+    from nashray.layout import read_table
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.models import load_causal_lm, load_tokenizer
 
     run = run_campaign(llm_config(tmp_path, tiny_model_dir, {"name": "inpo"}, rounds=3,
                                   schedule={"rounds": 3, "prompts_per_round": 4, "samples_per_prompt": 3,
@@ -188,7 +188,7 @@ def test_tiny_llm_one_step_off_rounds_anchor_on_the_generating_policy(ray_cluste
 NASH_MD_LEARNERS = {
     # the tabular INPO test's learner: 30 Adam epochs on each round's samples, each a full-batch step
     "many_epochs": {"epochs_per_round": 30, "optimizer": {"name": "adam", "lr": 0.05, "grad_clip": 100.0}},
-    # the one full-batch on-policy step a round that cluster.config.NashMD recommends besides
+    # the one full-batch on-policy step a round that nashray.cluster.config.NashMD recommends besides
     "one_step": {"epochs_per_round": 1, "optimizer": {"name": "sgd", "lr": 4.0, "grad_clip": 100.0}},
 }
 
@@ -201,9 +201,9 @@ def test_tabular_rps_nash_md_reaches_regularised_nash(ray_cluster, tmp_path, lea
     epochs drive towards the regularised best response to the round's mixture (cycling at 0.1–0.3 with this learner
     in a standalone simulation), is refused at load with that learner. Measured: < 1e-2 from round 11, 1.3e-3 at
     round 17 (many epochs); from round 9, 5e-4 at round 17 (one step)."""
-    from cluster.config import ConfigError, parse_config
-    from cluster.driver import run_campaign
-    from oracles.games import load_game, regularized_exploitability
+    from nashray.cluster.config import ConfigError, parse_config
+    from nashray.cluster.driver import run_campaign
+    from nashray.oracles.games import load_game, regularized_exploitability
 
     sections = dict(
         seed=0,
@@ -239,9 +239,9 @@ def test_tabular_sppo_average_iterate_is_the_mean_of_the_round_policies_across_a
     import torch
     from safetensors.torch import load_file
 
-    from cluster.driver import run_campaign
-    from cluster.report import plot_specs
-    from oracles.games import exploitability, load_game, regularized_exploitability
+    from nashray.cluster.driver import run_campaign
+    from nashray.cluster.report import plot_specs
+    from nashray.oracles.games import exploitability, load_game, regularized_exploitability
 
     config = write_config(
         tmp_path, seed=0,

@@ -27,10 +27,10 @@ def oracle_config(kind: str, tiny_classifier_dir: str) -> dict:
 # llm_judge judges campaigns in tests/test_faults.py and tests/test_resume.py; http in tests/test_security.py.
 @pytest.mark.parametrize("kind", ["reward_model", "pairwise_model", "ensemble"])
 def test_campaign_round_judged_by_each_oracle_kind(ray_cluster, tmp_path, tiny_model_dir, tiny_classifier_dir, kind):
-    from cluster.driver import group_by_prompt, run_campaign
-    from cluster.run_dir import read_table
-    from oracles import build_oracle
-    from oracles.base import Comparison
+    from nashray.cluster.driver import group_by_prompt, run_campaign
+    from nashray.layout import read_table
+    from nashray.oracles import build_oracle
+    from nashray.oracles.base import Comparison
 
     oracle = oracle_config(kind, tiny_classifier_dir)
     run = run_campaign(campaign_tests.llm_config(

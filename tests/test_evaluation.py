@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cluster.evaluation import (LC_PRIOR_PRECISION, compare_answers, fit_logistic, length_controlled_win_rate,
+from nashray.cluster.evaluation import (LC_PRIOR_PRECISION, compare_answers, fit_logistic, length_controlled_win_rate,
                                 length_features, ranking_accuracy, ranking_counts, win_rate_interval)
 
 
@@ -157,7 +157,7 @@ def perturbed_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def run_eval(*argv) -> int:
-    from cluster.cli import main
+    from nashray.cluster.cli import main
     return main(["eval", *argv])
 
 
@@ -173,7 +173,7 @@ def test_eval_cli_a_model_against_itself_ties(tiny_model_dir, tmp_path):
 
 
 def test_eval_cli_checkpoint_against_perturbed_copy(tiny_model_dir, perturbed_model_dir, tmp_path, capsys):
-    from oracles.rules import build_rule
+    from nashray.oracles.rules import build_rule
     out = tmp_path / "h2h.json"
     assert run_eval(tiny_model_dir, perturbed_model_dir, "--oracle", "rule:concise_answer", "--limit", "6",
                     "--max-new-tokens", "16", "--engine", "hf", "--out", str(out)) == 0

@@ -7,13 +7,13 @@ import pytest
 import torch
 import yaml
 
-from cluster.cli import main
+from nashray.cluster.cli import main
 
 
 @pytest.fixture(scope="module")
 def trained_run(ray_cluster, tiny_model_dir, tmp_path_factory):
     """One round of online DPO on the tiny model: the cheapest campaign that leaves a checkpoint."""
-    from cluster.driver import run_campaign
+    from nashray.cluster.driver import run_campaign
     root = tmp_path_factory.mktemp("export-campaign")
     config = root / "campaign.yaml"
     config.write_text(yaml.safe_dump(dict(
@@ -97,8 +97,8 @@ def test_vllm_serves_the_export_with_the_trained_weights(exported):
 
 
 def test_a_round_or_folder_that_cannot_be_exported_is_named(trained_run, exported, tmp_path, capsys):
-    from cluster.config import dump_config, parse_config
-    from cluster.run_dir import RunDir
+    from nashray.cluster.config import dump_config, parse_config
+    from nashray.layout import RunDir
     assert main(["export", str(trained_run.root), str(tmp_path / "r5"), "--round", "5"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"nashray export: {trained_run.root} has no complete checkpoint of round 5 (complete: ['round-0000']; "

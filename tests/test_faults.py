@@ -44,7 +44,7 @@ class Background:
     """run_campaign in a thread of this process (the test's Ray cluster), its outcome kept for the test."""
 
     def __init__(self, config: str):
-        from cluster.driver import run_campaign
+        from nashray.cluster.driver import run_campaign
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(run_campaign, config), daemon=True)
         self.thread.start()
@@ -75,7 +75,7 @@ def roles(run: Path) -> dict:
 
 def assert_complete_and_exact(run: Path, rounds: int, prompts: int = 8, k: int = 4) -> list[dict]:
     """Every round once; each round's samples: every prompt, K samples each, no sample twice."""
-    from cluster.run_dir import read_table
+    from nashray.layout import read_table
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == list(range(rounds))
     for t in range(rounds):
@@ -101,7 +101,7 @@ def test_generator_killed_mid_round_is_replaced_and_brought_to_the_current_versi
 
 
 def test_judge_killed_mid_round_is_replaced_and_no_comparison_is_lost(ray_cluster, tmp_path, tiny_model_dir):
-    from cluster.run_dir import read_table
+    from nashray.layout import read_table
     run = tmp_path / "run"
     campaign = Background(campaign_config(
         tmp_path, tiny_model_dir,
@@ -121,7 +121,7 @@ def test_judge_killed_mid_round_is_replaced_and_no_comparison_is_lost(ray_cluste
 def test_hung_role_fails_after_its_timeout_naming_the_role(ray_cluster, tmp_path, tiny_model_dir, role):
     """A generator's hang also stands for a hung weight push: the push is a call on every generator, under the same
     timeout."""
-    from cluster.actor_pool import RoleFailure
+    from nashray.cluster.actor_pool import RoleFailure
     run = tmp_path / "run"
     campaign = Background(campaign_config(tmp_path, tiny_model_dir, **{role: {"timeout_s": 15, "on_failure": "abort"}}))
     wait_for(lambda: rounds_completed(run) == 1, campaign=campaign)

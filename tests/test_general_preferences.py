@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from oracles import build_oracle
-from oracles.base import Comparison, PreferenceOracle, Verdict
-from trainers.pairs import cyclic_triads
+from nashray.oracles import build_oracle
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.trainers.pairs import cyclic_triads
 
 PANEL = {"kind": "ensemble", "combine": "majority", "members": [
     {"kind": "sentiment", "prefer": "positive"},
@@ -23,7 +23,7 @@ PANEL = {"kind": "ensemble", "combine": "majority", "members": [
 # --------------------------------------------------------------------------------------------- oracles
 
 def test_sentiment_oracle_prefers_the_more_positive_answer_with_a_logistic_link():
-    from oracles.sentiment import Sentiment
+    from nashray.oracles.sentiment import Sentiment
     oracle = build_oracle({"kind": "sentiment", "sharpness": 2.0})
     a, b = "What a wonderful, happy day!", "This is a terrible, sad day."
     [v] = oracle.compare([Comparison("x", a, b)])
@@ -48,7 +48,7 @@ class _Ranking(PreferenceOracle):
 def test_panel_of_transitive_members_in_rotated_orders_has_a_majority_cycle():
     """Condorcet: members ranking a ≻ b ≻ c, b ≻ c ≻ a and c ≻ a ≻ b each alone have no cyclic triad; their
     majority has one, and every verdict carries the three votes behind it."""
-    from oracles.ensemble import EnsembleOracle
+    from nashray.oracles.ensemble import EnsembleOracle
     panel = EnsembleOracle([_Ranking("abc"), _Ranking("bca"), _Ranking("cab")], combine="majority")
     pairs = list(itertools.combinations(range(3), 2))
     verdicts = panel.compare([Comparison("x", "abc"[i], "abc"[j]) for i, j in pairs])
@@ -60,7 +60,7 @@ def test_panel_of_transitive_members_in_rotated_orders_has_a_majority_cycle():
 
 
 def test_panel_weights_decide_a_split_vote_and_are_validated():
-    from cluster.config import ConfigError, parse_config
+    from nashray.cluster.config import ConfigError, parse_config
     a, b = "Great, wonderful, lovely!", "ok"
     members = [{"kind": "sentiment"}, {"kind": "rule", "rule": "concise_answer", "options": {"min_chars": 1}}]
     even = build_oracle({"kind": "ensemble", "combine": "majority", "members": members})
@@ -73,7 +73,7 @@ def test_panel_weights_decide_a_split_vote_and_are_validated():
 
 
 def test_readable_rule_prefers_the_easier_text_whatever_its_length():
-    from oracles.rules import build_rule
+    from nashray.oracles.rules import build_rule
     rule = build_rule("readable")
     plain = "The cat sat. It was warm. We all had tea and cake."
     dense = "Institutional considerations necessitate comprehensive organizational reevaluation."
@@ -109,7 +109,7 @@ def test_a_panel_member_that_fails_to_load_is_named():
 
 
 def test_cyclic_rule_features_and_their_game():
-    from oracles.rules import build_rule
+    from nashray.oracles.rules import build_rule
     words = build_rule("cyclic", {"feature": "words", "bins": [3, 6]})
     assert [words.feature(" ".join(["w"] * n)) for n in (0, 2, 3, 5, 6, 40)] == [0, 0, 1, 1, 2, 2]
     M = words.feature_game()
@@ -144,9 +144,9 @@ def test_cyclic_triads_count_cycles_and_skip_ties_and_missing_pairs():
 def test_feature_game_metrics_match_the_closed_form():
     from scipy.special import logsumexp
 
-    from cluster.evaluation import feature_game_metrics
-    from oracles.games import regularized_exploitability, regularized_nash
-    from oracles.rules import build_rule
+    from nashray.cluster.evaluation import feature_game_metrics
+    from nashray.oracles.games import regularized_exploitability, regularized_nash
+    from nashray.oracles.rules import build_rule
     M = build_rule("cyclic", {"feature": "words", "bins": [3, 6]}).feature_game()
     policy = [0] * 30 + [1] * 20 + [2] * 14
     ref = [0] * 40 + [1] * 16 + [2] * 8
@@ -169,7 +169,7 @@ def test_feature_game_metrics_match_the_closed_form():
 
 
 def test_judge_statistics_of_a_round():
-    from cluster.driver import judge_statistics
+    from nashray.cluster.driver import judge_statistics
     samples = [{"source": "policy"}] * 3
     judged = {"p": {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 0.0}}
     rows = [{"prob": 1.0, "votes": [1.0, 0.0]}, {"prob": 1.0, "votes": [0.9, 0.5]}, {"prob": 0.0, "votes": [0.2, 0.4]},
@@ -187,8 +187,8 @@ def test_tiny_llm_campaign_under_a_panel_judge_records_votes_cycles_and_agreemen
     """A real campaign (vLLM generator, judge actor, DeepSpeed learner) judged by a panel: every fresh verdict keeps
     the members' votes in judgements.parquet, and the round's cyclic-triad share and member agreement are what the
     persisted verdicts say."""
-    from cluster.driver import run_campaign
-    from cluster.run_dir import read_table
+    from nashray.cluster.driver import run_campaign
+    from nashray.layout import read_table
     from tests.test_campaign import llm_config
 
     run = run_campaign(llm_config(tmp_path, tiny_model_dir, {"name": "inpo"}, rounds=2,
@@ -229,9 +229,9 @@ def test_tiny_llm_campaign_under_a_panel_judge_records_votes_cycles_and_agreemen
 def test_tiny_llm_feature_game_exploitability_is_reported_and_recomputable(ray_cluster, tmp_path, tiny_model_dir):
     """Under the cyclic word-count-bins rule the evaluation reports the policy's exact exploitability in the induced
     3-class game, and it is what the persisted held-out answers say."""
-    from cluster.driver import run_campaign
-    from cluster.run_dir import read_table
-    from oracles.rules import build_rule
+    from nashray.cluster.driver import run_campaign
+    from nashray.layout import read_table
+    from nashray.oracles.rules import build_rule
     from tests.test_campaign import llm_config
 
     rule = {"kind": "rule", "rule": "cyclic", "options": {"feature": "words", "bins": [3, 6]}}

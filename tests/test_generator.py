@@ -10,11 +10,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from actors.generator import GeneratorActor
-from cluster.config import CampaignConfig
-from trainers.logprobs import causal_lm_sequence_logprobs
-from trainers.models import load_causal_lm, load_tokenizer
-from trainers.weights import WeightPush, encode_state_dict
+from nashray.actors.generator import GeneratorActor
+from nashray.cluster.config import CampaignConfig
+from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+from nashray.models import load_causal_lm, load_tokenizer
+from nashray.weights import WeightPush, encode_state_dict
 
 PROMPTS = [{"prompt_id": "p0", "prompt": "what is two plus two?"}, {"prompt_id": "p1", "prompt": "hello world"}]
 RECORD_KEYS = {"prompt_id", "prompt", "prompt_ids", "response", "response_ids", "logprob", "version", "source",
@@ -91,7 +91,7 @@ def models(tied_model_dir):
 
 
 def test_sampling_logprobs_temper_then_keep_the_top_p_mass():
-    from actors.engines import sampling_logprobs
+    from nashray.actors.engines import sampling_logprobs
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
     np.testing.assert_allclose(sampling_logprobs(probs.log(), 1.0, 1.0).exp(), probs)
     np.testing.assert_allclose(sampling_logprobs(probs.log(), 2.0, 1.0).exp(), probs.sqrt() / probs.sqrt().sum())
@@ -247,8 +247,8 @@ def test_hf_without_a_reference_refuses_ref_samples(tiny_model_dir):
 def test_tabular_samples_from_the_policy_distribution(tmp_path):
     import json
 
-    from oracles.games import load_game
-    from trainers.tabular import TabularPolicy
+    from nashray.oracles.games import load_game
+    from nashray.trainers.tabular import TabularPolicy
 
     game_file = tmp_path / "two_prompts.json"
     game_file.write_text(json.dumps({"prompts": {
@@ -297,8 +297,8 @@ def test_tabular_samples_from_the_policy_distribution(tmp_path):
 def test_an_actor_given_threads_runs_torch_on_that_many(ray_cluster):
     """Ray sets an actor's OMP_NUM_THREADS to its num_cpus (1 here) unless told otherwise; resources.threads tells
     it, and torch in the actor uses that many threads."""
-    from cluster.config import Resources
-    from cluster.placement import actor_options
+    from nashray.cluster.config import Resources
+    from nashray.cluster.placement import actor_options
     ray = ray_cluster
 
     class Threads:

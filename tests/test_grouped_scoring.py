@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import CampaignConfig
-from trainers.algorithms import get_algorithm
-from trainers.learner import (RoundData, SequenceScorer, _score, pack_groups, prompt_groups, score_sequences,
+from nashray.cluster.config import CampaignConfig
+from nashray.trainers.algorithms import get_algorithm
+from nashray.trainers.learner import (RoundData, SequenceScorer, _score, pack_groups, prompt_groups, score_sequences,
                               unique_sequences)
 
 K = 4
@@ -86,7 +86,7 @@ def fixed_logprobs(theta: dict, seed: int = 1) -> dict:
 def tiny_llm(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from trainers.models import load_tokenizer
+    from nashray.models import load_tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     return model, SequenceScorer(tabular=False, pad_id=load_tokenizer(tiny_model_dir).pad_token_id)
 
@@ -135,8 +135,8 @@ def test_grouped_micro_batch_gradient_equals_pair_by_pair(tiny_llm, algorithm_na
 def test_tabular_records_share_their_one_token_sequences():
     """Rock-paper-scissors: every record is (prompt 0, action, action); 400 pair records need 3 sequences, and the
     grouped gradient of the tabular policy equals the pair-by-pair one."""
-    from oracles.games import load_game
-    from trainers.tabular import TabularPolicy
+    from nashray.oracles.games import load_game
+    from nashray.trainers.tabular import TabularPolicy
 
     game = load_game("builtin:rps")
     policy = TabularPolicy(game.pi_ref).float()
@@ -206,7 +206,7 @@ def test_no_grad_pass_scores_each_distinct_sequence_once_in_the_forwards_asked(t
 def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm):
     """Logits only from the shortest prompt's last token on, padded rows of different prompt and response lengths
     (one response empty): each row equals the full log-softmax of its sequence forwarded alone."""
-    from trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
 
     model, scorer = tiny_llm
     g = torch.Generator().manual_seed(5)

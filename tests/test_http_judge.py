@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from oracles import build_oracle
-from oracles.base import Comparison
-from oracles.http_judge import HTTPJudge, chat_completions_url
-from oracles.judging import DEFAULT_TEMPLATE, parse_judging_message
+from nashray.oracles import build_oracle
+from nashray.oracles.base import Comparison
+from nashray.oracles.http_judge import HTTPJudge, chat_completions_url
+from nashray.oracles.judging import DEFAULT_TEMPLATE, parse_judging_message
 
 KEY_ENV = "NASHRAY_TEST_JUDGE_KEY"
 SECRET = "sk-test-3f9c1e-never-print-me"
@@ -209,7 +209,7 @@ def test_unreachable_endpoint_is_dropped_not_raised():
 
 
 def test_verdict_token_variants_are_pooled_and_text_is_the_fallback():
-    from oracles.http_judge import BadReply, verdict_probability
+    from nashray.oracles.http_judge import BadReply, verdict_probability
     pooled = verdict_probability(reply("A", [("A", -1.0), (" A", -2.0), ("B", -1.5), ("C", -0.1)]))
     assert pooled == pytest.approx((math.exp(-1) + math.exp(-2)) / (math.exp(-1) + math.exp(-2) + math.exp(-1.5)))
     assert verdict_probability(reply("B", [("B", -0.2), ("The", -1.0)])) == 0.0   # A not listed: the text decides

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from actors.judge import JudgeActor
+from nashray.actors.judge import JudgeActor
 
 pytestmark = pytest.mark.ray
 
@@ -160,7 +160,7 @@ def test_a_crashing_oracle_drops_the_attempt_instead_of_raising():
 def test_scores_come_from_oracles_that_score(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
-    from trainers.models import build_tiny_model
+    from nashray.models import build_tiny_model
     folder = build_tiny_model(tmp_path / "tiny")
     config = LlamaConfig.from_pretrained(folder)
     config.num_labels = 1

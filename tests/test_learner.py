@@ -28,11 +28,12 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
     import ray.data
     from transformers import AutoModelForCausalLM
 
-    from cluster.config import parse_config
-    from trainers.learner import CHECKPOINT_DONE, Learner
-    from trainers.logprobs import causal_lm_sequence_logprobs
-    from trainers.models import load_tokenizer
-    from trainers.weights import push_state_dict
+    from nashray.cluster.config import parse_config
+    from nashray.layout import CHECKPOINT_DONE
+    from nashray.trainers.learner import Learner
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.models import load_tokenizer
+    from nashray.weights import push_state_dict
 
     cfg = parse_config({
         "model": {"path": tiny_model_dir, "dtype": "float32"},
@@ -82,7 +83,7 @@ def test_round_data_refuses_generator_logprobs_it_does_not_have():
     persisted without them) is an error naming the missing column, never a silent substitute."""
     import numpy as np
 
-    from trainers.learner import RoundData
+    from nashray.trainers.learner import RoundData
 
     data = RoundData({"a_policy_logprob": np.array([-1.5, -2.0]), "b_policy_logprob": np.array([-3.0, np.nan]),
                       "a_version": np.array([4.0, 5.0]), "b_version": np.array([4.0, -1.0])})

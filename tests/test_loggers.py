@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from cluster.config import ConfigError, parse_config
-from cluster.metrics import RUN_IDS_FILE, RoundLoggers, tag
+from nashray.cluster.config import ConfigError, parse_config
+from nashray.cluster.metrics import RUN_IDS_FILE, RoundLoggers, tag
 
 ROUNDS = 3
 
@@ -34,7 +34,7 @@ class _Reads(dict):
 
 
 def _plotted_keys(rows: list[dict]) -> set[str]:
-    from cluster.report import plot_specs
+    from nashray.cluster.report import plot_specs
     read: set[str] = set()
     plot_specs([_Reads(r, read) for r in rows])
     return read - {"round"}
@@ -174,10 +174,10 @@ def test_an_unreachable_target_warns_once_and_the_campaign_goes_on(tmp_path, mon
     cfg = _config(tmp_path, wandb={"project": "nashray-test", "mode": "online"},
                   mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
     loggers = RoundLoggers(cfg, tmp_path / "run")
-    with caplog.at_level(logging.WARNING, logger="cluster.metrics"):
+    with caplog.at_level(logging.WARNING, logger="nashray.cluster.metrics"):
         for row in _rounds():
             loggers.log_round(row)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "cluster.metrics"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nashray.cluster.metrics"]
     assert len(warnings) == 2, warnings
     assert any(w.startswith("W&B logging failed and is off for the rest of this campaign") for w in warnings)
     assert any(w.startswith("MLflow logging failed") and str(port) in w for w in warnings)

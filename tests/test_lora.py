@@ -14,8 +14,8 @@ def adapted(tiny_model_dir):
     """The tiny model with adapters whose B is random (fresh adapters compute nothing), and its base copy."""
     import torch
 
-    from trainers.lora import add_adapters
-    from trainers.models import load_causal_lm
+    from nashray.trainers.lora import add_adapters
+    from nashray.models import load_causal_lm
     base = load_causal_lm(tiny_model_dir, "float32", False)
     model = add_adapters(copy.deepcopy(base), LORA)
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def test_only_the_adapters_train(adapted):
 def test_merged_state_dict_is_peft_merge_in_hf_names_and_leaves_the_model_unchanged(adapted):
     import torch
 
-    from trainers.lora import merged_state_dict
+    from nashray.trainers.lora import merged_state_dict
     model, base = adapted
     before = {k: v.clone() for k, v in model.state_dict().items()}
     merged = merged_state_dict(model)
@@ -54,8 +54,8 @@ def test_adapters_off_is_the_base_model_and_adapters_on_is_the_merged_one(adapte
     as the merged weights do — the two things a LoRA campaign relies on."""
     import torch
 
-    from trainers.logprobs import causal_lm_sequence_logprobs
-    from trainers.lora import AdaptersOff, merged_state_dict
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.trainers.lora import AdaptersOff, merged_state_dict
     model, base = adapted
 
     class Engine:  # the one part of a DeepSpeed engine AdaptersOff uses: forward through the wrapped module
@@ -78,7 +78,7 @@ def test_adapters_off_is_the_base_model_and_adapters_on_is_the_merged_one(adapte
 
 
 def test_lora_is_refused_with_zero3_and_the_tabular_engine():
-    from cluster.config import ConfigError, parse_config
+    from nashray.cluster.config import ConfigError, parse_config
     with pytest.raises(ConfigError, match="learner.lora .* learner.zero_stage 0–2"):
         parse_config({"learner": {"lora": LORA, "zero_stage": 3}})
     with pytest.raises(ConfigError, match="learner.lora"):
@@ -96,10 +96,10 @@ def test_lora_campaign_trains_adapters_pushes_merged_weights_and_checkpoints_the
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cluster.driver import run_campaign
+    from nashray.cluster.driver import run_campaign
     from tests.test_campaign import llm_config
-    from trainers.logprobs import causal_lm_sequence_logprobs
-    from trainers.lora import ADAPTER_DIR
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.layout import ADAPTER_DIR
 
     run = run_campaign(llm_config(tmp_path, tiny_model_dir, {"name": "inpo"},
                                   learner={"workers": 1, "precision": "fp32", "micro_batch_size": 4,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers import losses
+from nashray.trainers import losses
 
 B = 64
 A = 5

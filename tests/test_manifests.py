@@ -25,8 +25,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from cluster.config import parse_config
-from cluster.placement import NodeShape, check_placeable
+from nashray.cluster.config import parse_config
+from nashray.cluster.placement import NodeShape, check_placeable
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay"
@@ -320,7 +320,7 @@ def test_rayjob_runs_the_configmap_campaign_on_the_raycluster(raycluster, rayjob
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["nashray", "run"]
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert pyproject["project"]["scripts"]["nashray"] == "cluster.cli:main"
+    assert pyproject["project"]["scripts"]["nashray"] == "nashray.cluster.cli:main"
     # the submitter uploads the mounted ConfigMap as the job's working directory
     working_dir = yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
     submitter = spec["submitterPodTemplate"]["spec"]

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from cluster.config import ConfigError, Resources, parse_config
-from cluster.placement import NodeShape, actor_options, check_placeable, cluster_shapes, learner_scaling
+from nashray.cluster.config import ConfigError, Resources, parse_config
+from nashray.cluster.placement import NodeShape, actor_options, check_placeable, cluster_shapes, learner_scaling
 from tests.ray_jobs import assert_job_succeeded, free_port, submit_campaign, wait_for_job_server
 
 NODE_RESOURCES = {"inference": {"inference": 2}, "training": {"training": 1}}
@@ -268,7 +268,7 @@ def test_campaign_places_roles_and_resumes_with_more_generators(multinode_cluste
 
     import yaml
 
-    from cluster.driver import run_campaign
+    from nashray.cluster.driver import run_campaign
 
     config = tmp_path / "campaign.yaml"
     config.write_text(yaml.safe_dump({

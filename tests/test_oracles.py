@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from oracles import build_oracle, is_deterministic
-from oracles.base import Comparison, PreferenceOracle, Verdict
-from oracles.cache import VerdictCache
-from oracles.ensemble import EnsembleOracle
-from oracles.judging import (DEFAULT_TEMPLATE, check_template, judging_messages, parse_judging_message,
+from nashray.oracles import build_oracle, is_deterministic
+from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.cache import VerdictCache
+from nashray.oracles.ensemble import EnsembleOracle
+from nashray.oracles.judging import (DEFAULT_TEMPLATE, check_template, judging_messages, parse_judging_message,
                              parse_verdict_text)
-from oracles.rules import RULES, build_rule
+from nashray.oracles.rules import RULES, build_rule
 
 
 def probs(oracle: PreferenceOracle, triples) -> list[float | None]:
@@ -37,7 +37,7 @@ def test_arithmetic_prefers_the_right_number():
 
 
 def test_concise_answer_is_the_default_oracle_and_prefers_short_non_empty():
-    from cluster.config import JudgeConfig
+    from nashray.cluster.config import JudgeConfig
     oracle = build_oracle(JudgeConfig().oracle)
     assert oracle.oracle_id.startswith("rule:concise_answer")
     long, short = "a fairly long answer that rambles on and on", "a short answer here"
@@ -138,7 +138,7 @@ def test_cache_is_shared_between_writers_and_survives_torn_lines(tmp_path):
 
 
 def test_build_oracle_with_run_dir_never_pays_twice(tmp_path):
-    from oracles.cache import CachedOracle
+    from nashray.oracles.cache import CachedOracle
     counting = CountingRule()
     cs = [Comparison("q", "short", "longer answer here"), Comparison("q", "", "x")]
     cached = CachedOracle(counting, tmp_path / "judge-cache")
@@ -249,7 +249,7 @@ def test_debiasing_turns_an_always_A_judge_into_a_symmetric_one(position_biased_
 def test_llm_judge_on_smollm2(smollm2_dir):
     """The real SmolLM2-135M-Instruct: the verdict tokens carry real mass, the model is position-biased when asked
     once, and debiasing makes its verdicts complementary."""
-    from oracles.llm_judge import LLMJudge
+    from nashray.oracles.llm_judge import LLMJudge
     cs = [Comparison("What is the capital of France?", "The capital of France is Paris.", "I like turtles."),
           Comparison("What is 12+7?", "12+7 = 19.", "12+7 = 25.")]
     swapped = [Comparison(c.prompt, c.b, c.a) for c in cs]

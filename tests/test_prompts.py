@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import parse_config
-from cluster.prompts import (INSTRUCTIONS_FILE, Prompt, PromptDataError, load_prompts, split_campaign_prompts,
+from nashray.cluster.config import parse_config
+from nashray.cluster.prompts import (INSTRUCTIONS_FILE, Prompt, PromptDataError, load_prompts, split_campaign_prompts,
                              split_prompts)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ def test_builtin_instructions_ship_with_the_package():
 
 
 def test_builtin_instructions_fit_well_under_60_tokens_of_smollm2(smollm2_dir):
-    from actors.engines import chat_prompt_ids
-    from trainers.models import load_tokenizer
+    from nashray.actors.engines import chat_prompt_ids
+    from nashray.models import load_tokenizer
     tokenizer = load_tokenizer(smollm2_dir)
     lengths = {p.prompt_id: len(chat_prompt_ids(tokenizer, p.chat())) for p in load_prompts("builtin:instructions")}
     # SmolLM2's template alone is about 30 tokens (it adds a default system turn); 50 keeps every prompt well under 60
@@ -100,8 +100,8 @@ def test_a_split_needs_no_held_out_prompts_without_evaluation():
 
 
 def test_a_campaign_with_too_few_held_out_prompts_fails_at_load(tmp_path, tiny_model_dir):
-    from cluster.driver import Campaign
-    from cluster.run_dir import RunDir
+    from nashray.cluster.driver import Campaign
+    from nashray.layout import RunDir
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?"}) + "\n" for i in range(20)))
     cfg = parse_config({"model": {"path": tiny_model_dir, "max_prompt_tokens": 64},
@@ -208,9 +208,9 @@ def test_bad_chat_prompts_fail_at_load_naming_the_row(tmp_path, messages, names)
 
 
 def test_a_chat_prompt_is_encoded_with_the_models_chat_template(tiny_model_dir):
-    from actors.engines import chat_prompt_ids
-    from actors.generator import GeneratorActor
-    from trainers.models import load_tokenizer
+    from nashray.actors.engines import chat_prompt_ids
+    from nashray.actors.generator import GeneratorActor
+    from nashray.models import load_tokenizer
     tokenizer = load_tokenizer(tiny_model_dir)
     expected = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]
     assert chat_prompt_ids(tokenizer, CHAT) == expected
@@ -225,7 +225,7 @@ def test_a_chat_prompt_is_encoded_with_the_models_chat_template(tiny_model_dir):
 
 
 def test_a_chat_prompt_is_measured_with_all_its_turns(tmp_path, tiny_model_dir):
-    from cluster.prompts import check_prompts_fit_model
+    from nashray.cluster.prompts import check_prompts_fit_model
     long_system = [{"role": "system", "content": "the quick brown fox jumps over the lazy dog " * 8},
                    {"role": "user", "content": "hi"}]
     path = tmp_path / "chat.jsonl"

@@ -21,7 +21,7 @@ EVAL_ORACLE = {"kind": "rule", "rule": "cyclic", "options": {"strength": 0.8}}
 def llm_run(ray_cluster, tiny_model_dir, tmp_path_factory):
     """Online DPO on the tiny model for 2 rounds, vLLM generator, evaluated every round by its own judge (a cyclic
     rule, whose verdicts 0.1/0.5/0.9 cannot be mistaken for the campaign judge's 0/0.5/1)."""
-    from cluster.driver import run_campaign
+    from nashray.cluster.driver import run_campaign
     root = tmp_path_factory.mktemp("llm-campaign")
     config = root / "campaign.yaml"
     config.write_text(yaml.safe_dump(dict(
@@ -40,7 +40,7 @@ def llm_run(ray_cluster, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tabular_run(ray_cluster, tmp_path_factory):
-    from cluster.driver import run_campaign
+    from nashray.cluster.driver import run_campaign
     root = tmp_path_factory.mktemp("tabular-campaign")
     config = root / "campaign.yaml"
     config.write_text(yaml.safe_dump(dict(
@@ -59,9 +59,9 @@ def tabular_run(ray_cluster, tmp_path_factory):
 # ------------------------------------------------------------------------------------------ evaluation
 
 def test_each_round_is_evaluated_on_held_out_prompts_by_the_evaluation_judge(llm_run):
-    from cluster.evaluation import compare_answers
-    from cluster.run_dir import read_table
-    from oracles.rules import build_rule
+    from nashray.cluster.evaluation import compare_answers
+    from nashray.layout import read_table
+    from nashray.oracles.rules import build_rule
 
     metrics = llm_run.metrics()
     baseline = read_table(llm_run.eval_dir / "baseline.parquet")
@@ -93,8 +93,8 @@ def test_eval_kl_is_the_mean_log_ratio_of_the_checkpoint_and_the_base_model(llm_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cluster.run_dir import read_table
-    from trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.layout import read_table
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
 
     baseline = read_table(llm_run.eval_dir / "baseline.parquet")
     prompts, responses = [b["prompt_ids"] for b in baseline], [b["response_ids"] for b in baseline]
@@ -122,7 +122,7 @@ def test_eval_kl_is_the_mean_log_ratio_of_the_checkpoint_and_the_base_model(llm_
 def test_tensorboard_events_are_the_round_metrics(llm_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cluster.metrics import scalars
+    from nashray.cluster.metrics import scalars
     events = EventAccumulator(str(llm_run.root / "tb"))
     events.Reload()
     metrics = llm_run.metrics()
@@ -162,8 +162,8 @@ def _assert_figure_shows(plot, fig):
 
 
 def test_report_plots_are_the_metrics(llm_run, capsys):
-    from cluster.cli import main
-    from cluster.report import build_report, render
+    from nashray.cluster.cli import main
+    from nashray.cluster.report import build_report, render
     metrics = llm_run.metrics()
     assert main(["report", str(llm_run.root)]) == 0
     assert str(llm_run.root / "report" / "index.html") in capsys.readouterr().out
@@ -195,7 +195,7 @@ def test_report_plots_are_the_metrics(llm_run, capsys):
 
 def test_time_plot_shows_the_untimed_rest_of_a_round():
     """Given the round's wall time, the stacked time bars end at it: the rest is drawn as its own part."""
-    from cluster.report import plot_specs
+    from nashray.cluster.report import plot_specs
     metrics = [{"round": 0, "generate_s": 1.0, "train_s": 2.0, "round_s": 5.0, "ranking_accuracy": 0.6},
                {"round": 1, "generate_s": 1.5, "judge_s": 0.5, "train_s": 2.0, "round_s": 4.5,
                 "ranking_accuracy": 0.7}]
@@ -208,7 +208,7 @@ def test_time_plot_shows_the_untimed_rest_of_a_round():
 
 
 def test_report_of_a_tabular_game_shows_exploitability(tabular_run):
-    from cluster.report import build_report, render
+    from nashray.cluster.report import build_report, render
     metrics = tabular_run.metrics()
     report = build_report(tabular_run.root)
     plots = {p.name: p for p in report.plots}
@@ -232,7 +232,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (Debian package 'chromium'; "
                                                 "docker/install-cpu.sh installs it when it runs as root)")
 def test_report_opens_in_a_browser_with_every_image(llm_run, tmp_path):
-    from cluster.report import build_report
+    from nashray.cluster.report import build_report
     report = build_report(llm_run.root)
     # a copy of the page with a probe that writes, once loaded, each image's decoded width into the DOM
     probe = tmp_path / "probe.html"
@@ -259,7 +259,7 @@ def test_report_opens_in_a_browser_with_every_image(llm_run, tmp_path):
 # ------------------------------------------------------------------------------------------ status
 
 def test_status_of_a_finished_campaign(llm_run, capsys):
-    from cluster.cli import main
+    from nashray.cluster.cli import main
     assert main(["status", str(llm_run.root), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert (status["rounds_completed"], status["rounds_planned"], status["finished"]) == (2, 2, True)
@@ -277,8 +277,8 @@ def test_status_of_a_finished_campaign(llm_run, capsys):
 def test_status_of_a_campaign_behind_its_newest_round(llm_run, tmp_path):
     """A copy of the run as a crash would leave it: round 1's files written but state.json still at round 0, and a
     checkpoint torn mid-write."""
-    from cluster.report import campaign_status, format_status
-    from cluster.run_dir import RunDir
+    from nashray.cluster.report import campaign_status, format_status
+    from nashray.layout import RunDir
     copy = tmp_path / "run"
     shutil.copytree(llm_run.root, copy, ignore=shutil.ignore_patterns("ray-train", "judge-cache"))
     run = RunDir(copy)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oracles.games import load_game, regularized_exploitability
+from nashray.oracles.games import load_game, regularized_exploitability
 from tests.run_watch import rounds_completed
 
 pytestmark = pytest.mark.ray
@@ -43,7 +43,7 @@ def tabular_config(tmp_path: Path, rounds: int) -> Path:
 def start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "run", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "nashray.cluster.cli", "run", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 

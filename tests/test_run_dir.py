@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from cluster.run_dir import CampaignState, RunDir, RunDirError, atomic_write_bytes
-from trainers.learner import CHECKPOINT_DONE, newest_checkpoint
+from nashray.layout import CampaignState, RunDir, RunDirError, atomic_write_bytes
+from nashray.layout import CHECKPOINT_DONE, newest_checkpoint
 
 
 def test_a_run_dir_that_cannot_be_created_is_refused_naming_it(tmp_path):

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from oracles.judging import DEFAULT_TEMPLATE, parse_judging_message
+from nashray.oracles.judging import DEFAULT_TEMPLATE, parse_judging_message
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "NASHRAY_PLANTED_JUDGE_KEY"
@@ -162,10 +162,10 @@ def test_campaign_leaks_no_judge_key_and_listens_on_loopback_only(ray_cluster, t
     while it ran was on loopback."""
     import ray
 
-    from cluster.checkpoints import load_deepspeed_file, validate_checkpoint
-    from cluster.config import load_config
-    from cluster.driver import run_campaign
-    from cluster.run_dir import read_table
+    from nashray.trainers.checkpoints import load_deepspeed_file, validate_checkpoint
+    from nashray.cluster.config import load_config
+    from nashray.cluster.driver import run_campaign
+    from nashray.layout import read_table
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": pid, "prompt": text}) + "\n" for pid, text in
@@ -224,8 +224,8 @@ def test_served_judge_and_local_cluster_listen_on_loopback_by_default(ray_cluste
 
     from ray import serve
 
-    from cluster.config import JudgeServeConfig, RuleOracleConfig
-    from oracles.serve import serve_judge
+    from nashray.cluster.config import JudgeServeConfig, RuleOracleConfig
+    from nashray.oracles.serve import serve_judge
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -263,9 +263,9 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORL
 import deepspeed, torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from cluster.checkpoints import CheckpointError, load_deepspeed_state
-from cluster.config import parse_config
-from trainers.learner import _gathered_state_dict, _save_checkpoint, build_optimizer, build_policy, deepspeed_config
+from nashray.trainers.checkpoints import CheckpointError, load_deepspeed_state
+from nashray.cluster.config import parse_config
+from nashray.trainers.learner import _gathered_state_dict, _save_checkpoint, build_optimizer, build_policy, deepspeed_config
 sys.path.insert(0, {tests!r})
 from test_security import Payload
 
@@ -309,7 +309,7 @@ def test_deepspeed_resume_refuses_a_planted_pickle_without_running_it(tmp_path, 
     """DeepSpeed reads its checkpoint with plain unpickling; the learner's resume path reads it weights-only. A real
     engine resumes the learner's real checkpoint; then, with an object that would create a file if unpickled planted
     in it, the resume fails naming the file and the object's callable, and nothing ran."""
-    from cluster.checkpoints import CheckpointError, validate_checkpoint
+    from nashray.trainers.checkpoints import CheckpointError, validate_checkpoint
 
     checkpoint, marker = tmp_path / "round-0000", tmp_path / "payload-ran"
     cfg = {"model": {"path": tiny_model_dir, "dtype": "float32"}, "generators": {"engine": "hf"},
@@ -339,7 +339,7 @@ def test_deepspeed_state_types_round_trip_through_the_weights_only_reader(tmp_pa
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from cluster.checkpoints import load_deepspeed_file
+    from nashray.trainers.checkpoints import load_deepspeed_file
 
     scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
                                consecutive_hysteresis=False, raise_error_at_min_scale=True, dtype=torch.float16)
@@ -359,7 +359,7 @@ def test_a_pickle_named_safetensors_is_refused_without_running_it(tmp_path, tiny
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from cluster.checkpoints import CheckpointError, validate_checkpoint
+    from nashray.trainers.checkpoints import CheckpointError, validate_checkpoint
 
     checkpoint, marker = tmp_path / "round-0000", tmp_path / "payload-ran"
     shutil.copytree(tiny_model_dir, checkpoint)
@@ -381,8 +381,8 @@ def test_parquet_with_a_pickled_extension_type_is_read_without_unpickling(tmp_pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cluster.prompts import load_prompts
-    from cluster.run_dir import read_table
+    from nashray.cluster.prompts import load_prompts
+    from nashray.layout import read_table
 
     marker = tmp_path / "payload-ran"
     field = pa.field("blob", pa.binary(), metadata={b"ARROW:extension:name": b"arrow.py_extension_type",

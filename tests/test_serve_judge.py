@@ -11,10 +11,10 @@ import urllib.request
 
 import pytest
 
-from cluster.config import AutoscalingConfig, JudgeServeConfig
-from oracles import build_oracle
-from oracles.base import Comparison
-from oracles.http_judge import HTTPJudge
+from nashray.cluster.config import AutoscalingConfig, JudgeServeConfig
+from nashray.oracles import build_oracle
+from nashray.oracles.base import Comparison
+from nashray.oracles.http_judge import HTTPJudge
 
 pytestmark = pytest.mark.ray
 
@@ -45,7 +45,7 @@ def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 def served(ray_cluster, tiny_model_dir, tiny_reward_model_dir):
     """Both judges deployed on one Serve proxy bound to 127.0.0.1; base URLs by name."""
     from ray import serve
-    from oracles.serve import serve_judge
+    from nashray.oracles.serve import serve_judge
     port = free_port()
     resources = {"num_cpus": 0.25}
     llm_cfg = {"kind": "llm_judge", "model": tiny_model_dir}
@@ -90,7 +90,7 @@ def test_deployments_follow_judges_serve(served):
 
 
 def test_deployment_options_come_from_the_config():
-    from oracles.serve import deployment_options
+    from nashray.oracles.serve import deployment_options
     fixed = deployment_options(JudgeServeConfig(replicas=3, resources={"num_cpus": 2, "custom": {"inference": 1}}))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0, "resources": {"inference": 1}}

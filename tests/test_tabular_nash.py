@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import DNO, INPO, SPPO, XPO, IterativeDPO, NashMD, OnlineDPO, OnlineIPO
-from oracles.base import Comparison
-from oracles.games import (Game, MatrixOracle, exploitability, game_to_json, load_game, nash_equilibrium,
+from nashray.cluster.config import DNO, INPO, SPPO, XPO, IterativeDPO, NashMD, OnlineDPO, OnlineIPO
+from nashray.oracles.base import Comparison
+from nashray.oracles.games import (Game, MatrixOracle, exploitability, game_to_json, load_game, nash_equilibrium,
                            regularized_exploitability, regularized_nash, save_game, win_rate)
-from trainers.tabular import TabularPolicy, policy_to_json, train_tabular
+from nashray.trainers.tabular import TabularPolicy, policy_to_json, train_tabular
 
 BUILTINS = ["builtin:rps", "builtin:random10", "builtin:bt"]
 

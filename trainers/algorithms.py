@@ -3,7 +3,7 @@
 One :class:`Algorithm` per name, shared by the LLM learner and the tabular harness, so both train on the same
 records with the same losses. The functions take one prompt's samples (sample records, see the project contracts),
 ``judged[(i, j)] = P(samples[i] ≻ samples[j])`` (indices into that list; a missing pair was not judged or was
-dropped) and the pydantic algorithm config (``cluster.config``). Only ``source == "policy"`` samples (from π_t) are
+dropped) and the pydantic algorithm config (``nashray.cluster.config``). Only ``source == "policy"`` samples (from π_t) are
 compared with each other; ``ref`` samples are XPO's exploration sequences, ``mixture`` samples Nash-MD's opponents.
 
 Records (one row of a round's training data): ``prompt_id, prompt_ids, a_ids, b_ids ([] for single-response
@@ -24,8 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trainers import losses
-from trainers.pairs import Judged, best_vs_worst, fit_bradley_terry, hard_label, plan_comparisons, win_rates
+from nashray.trainers import losses
+from nashray.trainers.pairs import Judged, best_vs_worst, fit_bradley_terry, hard_label, plan_comparisons, win_rates
 
 Sample = dict[str, Any]
 Record = dict[str, Any]

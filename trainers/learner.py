@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from nashray.layout import ADAPTER_DIR, CHECKPOINT_DONE, DEEPSPEED_DIR, DEEPSPEED_TAG, RunDir, newest_checkpoint
+
 STOP = "stop"
 WEIGHTS = "weights"
 SCORE = "score"
 BROADCAST = "broadcast"
 SCORE_CHUNK = 16  # sequences per forward of a SCORE task
-CHECKPOINT_DONE = "COMPLETE"
 
 
 class LearnerMailbox:
@@ -109,7 +110,7 @@ class LearnerMailbox:
 def deepspeed_config(learner: dict, world_size: int) -> dict:
     """The DeepSpeed config a learner section asks for. The optimizer is a torch one passed to ``initialize`` (a
     config-defined optimizer compiles a C++ op on CPU)."""
-    from trainers.models import resolve_precision
+    from nashray.models import resolve_precision
     precision = resolve_precision(learner["precision"])
     return {
         "train_micro_batch_size_per_gpu": learner["micro_batch_size"],
@@ -143,19 +144,19 @@ class SequenceScorer:
         if self.tabular:
             module = getattr(model, "module", model)
             return module.sequence_logprobs(prompt_ids, response_ids)
-        from trainers.logprobs import causal_lm_sequence_logprobs
+        from nashray.trainers.logprobs import causal_lm_sequence_logprobs
         return causal_lm_sequence_logprobs(model, prompt_ids, response_ids, self.pad_id)
 
 
 def build_policy(config: dict):
     """(policy module, reference module or None, scorer, tokenizer or None) for a campaign config; no reference
     module for a LoRA policy, whose π_ref is its own forward with the adapters off."""
-    from trainers.lora import add_adapters
-    from trainers.models import load_causal_lm, load_tokenizer
+    from nashray.trainers.lora import add_adapters
+    from nashray.models import load_causal_lm, load_tokenizer
     model_cfg = config["model"]
     if config["generators"]["engine"] == "tabular":
-        from oracles.games import load_game
-        from trainers.tabular import TabularPolicy
+        from nashray.oracles.games import load_game
+        from nashray.trainers.tabular import TabularPolicy
         game = load_game(config["data"]["game"])
         # float32: DeepSpeed reduces no float64 gradients.
         return (TabularPolicy(game.pi_ref).float(), TabularPolicy(game.pi_ref).float(), SequenceScorer(tabular=True),
@@ -300,7 +301,7 @@ def _gathered_state_dict(engine, zero_stage: int) -> dict:
     """The full module state dict (all ranks must call this under ZeRO-3; only rank 0's result is used)."""
     import deepspeed
 
-    from trainers.lora import is_adapted, merged_state_dict
+    from nashray.trainers.lora import is_adapted, merged_state_dict
     module = engine.module
     if is_adapted(module):  # ZeRO-3 is refused with LoRA at config load: the weights are whole here
         return merged_state_dict(module)
@@ -319,10 +320,10 @@ def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     dist.barrier()
     if rank == 0:
-        from trainers.lora import ADAPTER_DIR, is_adapted
+        from nashray.trainers.lora import is_adapted
         module = engine.module
         if is_adapted(module):  # the adapters for peft and vLLM; the merged model below for everything else
             module.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
@@ -340,12 +341,6 @@ def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, 
     dist.barrier()
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """The newest round checkpoint under ``root`` that has its COMPLETE marker (a torn one never has)."""
-    done = sorted(p for p in root.glob("round-*") if (p / CHECKPOINT_DONE).is_file())
-    return done[-1] if done else None
-
-
 def learner_loop(loop_config: dict) -> None:
     """Ray Train's train_loop_per_worker: build once, then serve rounds from the mailbox until told to stop."""
     import deepspeed
@@ -353,8 +348,8 @@ def learner_loop(loop_config: dict) -> None:
     import ray.train
     import torch
 
-    from trainers.algorithms import get_algorithm
-    from trainers.weights import ObjectStoreTransport
+    from nashray.trainers.algorithms import get_algorithm
+    from nashray.weights import ObjectStoreTransport
 
     config = loop_config["config"]
     learner_cfg = config["learner"]
@@ -367,7 +362,7 @@ def learner_loop(loop_config: dict) -> None:
 
     try:
         algorithm = get_algorithm(config["algorithm"]["name"])
-        from cluster.config import CampaignConfig
+        from nashray.cluster.config import CampaignConfig
         algo_cfg = CampaignConfig.model_validate(config).algorithm
         policy, reference, scorer, tokenizer = build_policy(config)
         if reference is not None:
@@ -376,13 +371,13 @@ def learner_loop(loop_config: dict) -> None:
         engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                           config=deepspeed_config(learner_cfg, world))
         if reference is None:  # a LoRA policy
-            from trainers.lora import AdaptersOff
+            from nashray.trainers.lora import AdaptersOff
             reference = AdaptersOff(engine)
         # The newest complete round checkpoint, looked up at every (re)start: after Ray Train restarts a failed worker
         # group, the workers continue from the last round that finished, not from where the campaign began.
         resume_from = newest_checkpoint(Path(loop_config["checkpoints"]))
         if resume_from is not None:
-            from cluster.checkpoints import load_deepspeed_state
+            from nashray.trainers.checkpoints import load_deepspeed_state
             load_deepspeed_state(engine, resume_from)  # weights-only unpickling: a planted file runs nothing
     except Exception as err:  # the driver waits on the mailbox: tell it why, then let Ray Train see the failure
         ray.get(mailbox.post_error.remote(f"rank {rank} could not start: {type(err).__name__}: {err}"))
@@ -454,7 +449,7 @@ def _open_broadcast(task: dict, mailbox, seq: int):
 
     import ray
 
-    from trainers.weights import NcclBroadcastTransport
+    from nashray.weights import NcclBroadcastTransport
     host = ray.util.get_node_ip_address()
     with socket.socket() as probe:
         probe.bind((host, 0))
@@ -469,7 +464,7 @@ def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, key
     import torch
     import torch.distributed as dist
 
-    from cluster.evaluation import ranking_counts
+    from nashray.cluster.evaluation import ranking_counts
 
     t_start = time.perf_counter()
     data = RoundData.from_shard(task["shards"][rank])
@@ -570,9 +565,9 @@ class Learner:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from cluster.config import LearnerConfig
-        from cluster.placement import learner_scaling
-        from trainers.process_group import NodeAddressTorchConfig
+        from nashray.cluster.config import LearnerConfig
+        from nashray.cluster.placement import learner_scaling
+        from nashray.trainers.process_group import NodeAddressTorchConfig
 
         self.config = config
         self.timeout_s = config["learner"]["timeout_s"]
@@ -586,10 +581,10 @@ class Learner:
             learner_loop,
             torch_config=NodeAddressTorchConfig(),  # the rendezvous server listens on the node's address only
             train_loop_config={"config": config, "mailbox": self.mailbox_name, "namespace": self.namespace,
-                               "checkpoints": str(Path(run_dir).resolve() / "checkpoints"),
+                               "checkpoints": str(RunDir(run_dir).checkpoints_root),
                                "cpus_per_worker": config["learner"]["resources"]["num_cpus"]},
             scaling_config=ScalingConfig(**scaling),
-            run_config=RunConfig(name="learner", storage_path=str(Path(run_dir).resolve() / "ray-train"),
+            run_config=RunConfig(name="learner", storage_path=str(RunDir(run_dir).ray_train_dir),
                                  failure_config=FailureConfig(max_failures=config["learner"]["max_failures"])),
         )
         self._seq = 0
@@ -647,7 +642,7 @@ class Learner:
 
     def train_round(self, round_index: int, shards: list, checkpoint_dir: Path, version: int) -> dict:
         """Train one round on per-worker dataset shards; returns the metrics and ``weights``, the
-        :class:`~trainers.weights.WeightPush` of the new policy ``version``."""
+        :class:`~nashray.weights.WeightPush` of the new policy ``version``."""
         import ray
         seq = self._post({"kind": "train", "round": round_index, "shards": shards, "version": version,
                           "checkpoint_dir": str(checkpoint_dir)})

@@ -6,7 +6,6 @@ them for peft and vLLM's LoRA loading."""
 
 from __future__ import annotations
 
-ADAPTER_DIR = "adapter"
 
 
 def add_adapters(model, lora: dict):

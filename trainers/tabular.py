@@ -5,9 +5,9 @@ plain ``nn.Module`` whose state dict is ``{"logits": [n_prompts, A]}``, with the
 as a causal LM (``prompt_ids[i][0]`` = prompt index, ``response_ids[i][0]`` = action).
 
 :func:`train_tabular` runs an algorithm in-process on a game with the SAME sample records, pair plans, training
-records and losses as the LLM path (``trainers.algorithms``), judged by a Bernoulli :class:`MatrixOracle`, and
+records and losses as the LLM path (``nashray.trainers.algorithms``), judged by a Bernoulli :class:`MatrixOracle`, and
 minimises each round's mean loss over the logits to convergence, so the result can be compared with the
-population update and with the equilibria of ``oracles.games``.
+population update and with the equilibria of ``nashray.oracles.games``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from oracles.games import Game, MatrixOracle, exploitability, regularized_exploitability, win_rate
-from trainers.algorithms import Algorithm, get_algorithm
-from trainers.pairs import plan_comparisons
+from nashray.oracles.games import Game, MatrixOracle, exploitability, regularized_exploitability, win_rate
+from nashray.trainers.algorithms import Algorithm, get_algorithm
+from nashray.trainers.pairs import plan_comparisons
 
 
 class TabularPolicy(torch.nn.Module):
@@ -241,7 +241,7 @@ def _minimise(algorithm: Algorithm, cfg, policy: TabularPolicy, batch, weights, 
 def train_tabular(algorithm_cfg, game: Game, iterations: int, pairs_per_iteration: int = 10_000,
                   samples_per_group: int = 8, strategy: str = "all_pairs", seed: int = 0, tau: float | None = None,
                   nash_md_lr: float = 1.0, lbfgs_max_iter: int = 500) -> TabularHistory:
-    """Run ``algorithm_cfg`` (a ``cluster.config`` algorithm) on ``game`` for ``iterations`` rounds from π_ref.
+    """Run ``algorithm_cfg`` (a ``nashray.cluster.config`` algorithm) on ``game`` for ``iterations`` rounds from π_ref.
 
     Each round draws per prompt ⌈pairs_per_iteration / pairs per set⌉ sets of ``samples_per_group`` samples from π_t
     (an LLM round's many prompts, each with K samples), so about ``pairs_per_iteration`` comparisons are judged

@@ -1,14 +1,19 @@
-"""The run directory: everything a campaign persists, written so that a crash at any point loses at most the round
-in flight.
+"""The run directory and the checkpoint layout: every file name a campaign persists, in one place that the driver,
+the roles and the reports all import. Written so that a crash at any point loses at most the round in flight.
 
     RUN_DIR/
       config.yaml               resolved config (secrets are never in it: only names of environment variables)
       state.json                last completed round and policy version — written atomically, last in a round
-      rounds/t/                 samples.parquet, judgements.parquet, train/ (Ray Data parquet), metrics.json
-      checkpoints/round-t/      HF safetensors + tokenizer, deepspeed/ optimizer state, COMPLETE marker
+      roles.json                where each role's actors run (`nashray status`)
+      rounds/t/                 samples.parquet, judgements.parquet, train/ (Ray Data parquet, _SUCCESS last),
+                                metrics.json, eval.parquet, average_policy.json (tabular)
+      checkpoints/round-t/      HF safetensors + tokenizer, deepspeed/state/ optimizer state, adapter/ (LoRA),
+                                COMPLETE marker last
       judge-cache/              judgements by (prompt, a, b, oracle)
-      eval/                     the initial policy's responses to the held-out prompts
+      eval/                     baseline.parquet + baseline.json: the initial policy's answers to the held-out prompts
+      policy.json               tabular campaigns: the current policy
       metrics.jsonl             one line per round
+      logs/, tb/, mlruns/, ray-train/
 """
 
 from __future__ import annotations
@@ -23,7 +28,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainers.learner import CHECKPOINT_DONE
+CHECKPOINT_DONE = "COMPLETE"
+"""A checkpoint's marker, written last: JSON {"round", "metrics"}; a folder without it is torn and never used."""
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+"""DeepSpeed's part of a checkpoint: ``round-t/deepspeed/state/*.pt``."""
+ADAPTER_DIR = "adapter"
+"""A LoRA checkpoint's adapters (peft's format, loadable by vLLM's LoRA support), beside the merged weights."""
+DATASET_DONE = "_SUCCESS"
+"""A round's training dataset's marker (``rounds/t/train/_SUCCESS``, its record count), written last."""
+AVERAGE_POLICY = "average_policy.json"
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest round checkpoint under ``root`` (``RUN_DIR/checkpoints``) that has its COMPLETE marker."""
+    done = sorted(p for p in Path(root).glob("round-*") if (p / CHECKPOINT_DONE).is_file())
+    return done[-1] if done else None
 
 
 class RunDirError(RuntimeError):
@@ -100,7 +119,53 @@ class RunDir:
         return self.root / "rounds" / f"{t:04d}"
 
     def checkpoint_dir(self, t: int) -> Path:
-        return self.root / "checkpoints" / f"round-{t:04d}"
+        return self.checkpoints_root / f"round-{t:04d}"
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def roles_path(self) -> Path:
+        return self.root / "roles.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def ray_train_dir(self) -> Path:
+        return self.root / "ray-train"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy.json"
+
+    @property
+    def baseline_path(self) -> Path:
+        return self.eval_dir / "baseline.parquet"
+
+    @property
+    def baseline_info_path(self) -> Path:
+        return self.eval_dir / "baseline.json"
+
+    def samples_path(self, t: int) -> Path:
+        return self.round_dir(t) / "samples.parquet"
+
+    def judgements_path(self, t: int) -> Path:
+        return self.round_dir(t) / "judgements.parquet"
+
+    def train_dir(self, t: int) -> Path:
+        return self.round_dir(t) / "train"
+
+    def round_metrics_path(self, t: int) -> Path:
+        return self.round_dir(t) / "metrics.json"
+
+    def eval_path(self, t: int) -> Path:
+        return self.round_dir(t) / "eval.parquet"
+
+    def average_policy_path(self, t: int) -> Path:
+        return self.round_dir(t) / AVERAGE_POLICY
 
     # ------------------------------------------------------------------ lifecycle
     def create(self, config_yaml: str) -> None:
@@ -146,7 +211,7 @@ class RunDir:
 
     def prune_checkpoints(self, keep: int, protect: int) -> None:
         """Keep the newest ``keep`` complete checkpoints (never the one of round ``protect``)."""
-        done = sorted(p for p in (self.root / "checkpoints").glob("round-*") if (p / CHECKPOINT_DONE).is_file())
+        done = sorted(p for p in self.checkpoints_root.glob("round-*") if (p / CHECKPOINT_DONE).is_file())
         for path in done[:-keep]:
             if path.name != f"round-{protect:04d}":
                 shutil.rmtree(path, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Checking a round checkpoint before a campaign resumes from it, and reading DeepSpeed's part of it without running
 code from the files.
 
-A checkpoint (``checkpoints/round-t/``, written by :mod:`trainers.learner`) holds
+A checkpoint (``checkpoints/round-t/``, written by :mod:`nashray.trainers.learner`) holds
 
     COMPLETE                           JSON marker {"round", "metrics"}, written last
     model.safetensors                  the policy's weights (or shards listed in model.safetensors.index.json)
@@ -24,10 +24,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from trainers.learner import CHECKPOINT_DONE as DONE_MARKER
+from nashray.layout import CHECKPOINT_DONE, DEEPSPEED_DIR, DEEPSPEED_TAG
 
-DEEPSPEED_DIR = "deepspeed"
-DEEPSPEED_TAG = "state"
 INDEX_FILE = "model.safetensors.index.json"
 
 # Architecture fields of config.json a checkpoint must share with the campaign's model.
@@ -133,14 +131,14 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 def _expected_shapes(cfg) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str]]]:
     """The campaign model's tensor names and shapes, and for each name the names tied to it (one parameter)."""
     if cfg.generators.engine == "tabular":
-        from oracles.games import load_game
-        from trainers.tabular import TabularPolicy
+        from nashray.oracles.games import load_game
+        from nashray.trainers.tabular import TabularPolicy
         state = TabularPolicy.from_game(load_game(cfg.data.game)).state_dict()
         return {k: tuple(v.shape) for k, v in state.items()}, {k: {k} for k in state}
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainers.models import resolve_model_path
+    from nashray.models import resolve_model_path
     base = AutoConfig.from_pretrained(resolve_model_path(cfg.model.path),
                                       trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
@@ -154,7 +152,7 @@ def _expected_shapes(cfg) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str
 
 
 def _check_config(ckpt: Path, cfg) -> None:
-    from trainers.models import resolve_model_path
+    from nashray.models import resolve_model_path
     base_dir = Path(resolve_model_path(cfg.model.path))
     saved = _read_json(ckpt / "config.json", "an LLM checkpoint is an HF folder with its model config")
     base = _read_json(base_dir / "config.json", "the campaign's model has no config")
@@ -232,15 +230,15 @@ def validate_checkpoint(path: str | Path, config) -> None:
     ``config`` (a ``CampaignConfig`` or its dict): no COMPLETE marker, a missing or corrupted weights file, weights
     or config.json of another model, DeepSpeed state of another learner layout, or a state file that pickles
     anything but tensors and DeepSpeed's plain state types."""
-    from cluster.config import CampaignConfig
+    from nashray.cluster.config import CampaignConfig
     cfg = config if isinstance(config, CampaignConfig) else CampaignConfig.model_validate(config)
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist")
-    marker = _read_json(ckpt / DONE_MARKER, "the checkpoint was never completed (a crash while writing it?)")
+    marker = _read_json(ckpt / CHECKPOINT_DONE, "the checkpoint was never completed (a crash while writing it?)")
     if not isinstance(marker, dict) or not isinstance(marker.get("round"), int) \
             or not isinstance(marker.get("metrics"), dict):
-        raise CheckpointError(f"{ckpt / DONE_MARKER} must be a JSON object with an integer 'round' and 'metrics'")
+        raise CheckpointError(f"{ckpt / CHECKPOINT_DONE} must be a JSON object with an integer 'round' and 'metrics'")
     if cfg.generators.engine != "tabular":
         _check_config(ckpt, cfg)
     _check_weights(ckpt, cfg)

@@ -37,7 +37,7 @@ TIES_METADATA_KEY = "nashray.tied"
 def _resolve_dtype(dtype: "str | torch.dtype | None"):
     if dtype is None or not isinstance(dtype, str):
         return dtype
-    from trainers.models import torch_dtype
+    from nashray.models import torch_dtype
     return torch_dtype(dtype)
 
 
