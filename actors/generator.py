@@ -12,17 +12,24 @@ import os
 import time
 from typing import Any
 
-from nashray.actors.engines import SOURCES, build_engine
+from nashray.actors.engines import build_engine
+from nashray.actors.sources import SOURCES
+from nashray.cluster.config import CampaignConfig
+from nashray.weights import BroadcastManifest, NcclBroadcastTransport, WeightPush, push_state_dict
 
 PROMPT_KEYS = ("prompt_id", "prompt")
 
 
 class GeneratorActor:
-    """``config``: a ``CampaignConfig.model_dump(mode="json")``; ``rank``: this generator's index (seeds differ)."""
+    """``cfg``: the validated campaign config (it pickles through Ray as it is); ``rank``: this generator's index
+    (seeds differ)."""
 
-    def __init__(self, config: dict, rank: int = 0):
-        self.config, self.rank = config, rank
-        self.engine = build_engine(config, rank)
+    def __init__(self, cfg: CampaignConfig, rank: int = 0):
+        if not isinstance(cfg, CampaignConfig):
+            raise TypeError(f"GeneratorActor takes a validated CampaignConfig, got {type(cfg).__name__} (a plain "
+                            f"dict: CampaignConfig.model_validate it first)")
+        self.cfg, self.rank = cfg, rank
+        self.engine = build_engine(cfg, rank)
         self._version = 0
         self._transport = None
         self._tokens = 0
@@ -87,7 +94,6 @@ class GeneratorActor:
     def apply_weights(self, push, version: int) -> int:
         """Load the weights of a :class:`nashray.weights.WeightPush` (safetensors bytes, an ObjectRef of a tensor
         payload, or a broadcast manifest) into the running engine; returns the new version."""
-        from nashray.weights import BroadcastManifest, WeightPush, push_state_dict
         if not isinstance(push, WeightPush):
             raise TypeError(f"apply_weights takes a nashray.weights.WeightPush, got {type(push).__name__}")
         if push.version != version:
@@ -112,7 +118,6 @@ class GeneratorActor:
                               timeout_s: float = 600.0) -> None:
         """Join the learner's broadcast group as ``rank`` (≥ 1) of ``world_size``; later broadcast pushes are
         received here, on this process's accelerator (the in-process vLLM worker shares it)."""
-        from nashray.weights import NcclBroadcastTransport
         self._transport = NcclBroadcastTransport(host, port, rank, world_size, backend=backend, timeout_s=timeout_s)
 
     def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 
-from nashray.oracles import build_oracle, is_deterministic, oracle_config
+from nashray.oracles import build_oracle, is_deterministic
 from nashray.oracles.base import Comparison, Verdict
+from nashray.oracles.cache import VerdictCache
+from nashray.oracles.config import OracleConfig, parse_oracle_config
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,19 @@ def _comparisons(items: list[dict]) -> list[Comparison]:
 
 
 class JudgeActor:
-    def __init__(self, oracle_cfg: dict, cache_dir: str | None, retries: int = 2, game_spec: str | None = None,
+    """``oracle``: the validated oracle config (``cfg.judges.oracle``, a model of
+    :data:`nashray.oracles.config.OracleConfig`; it pickles through Ray as it is); ``cache_dir``: the verdict cache
+    of deterministic oracles (None: no cache); ``game_spec``: a matrix oracle's game when its own is omitted
+    (``data.game``); ``seed``: the oracle's draws."""
+
+    def __init__(self, oracle: OracleConfig, cache_dir: str | None, retries: int = 2, game_spec: str | None = None,
                  seed: int = 0):
         if retries < 0:
             raise ValueError(f"judge retries must be ≥ 0, got {retries}")
-        cfg = oracle_config(oracle_cfg)
+        cfg = parse_oracle_config(oracle)  # a model comes back as it is; a dict would be validated once, here
         self.oracle = build_oracle(cfg, game_spec=game_spec, seed=seed)
         self.cache = None
         if cache_dir is not None and is_deterministic(cfg):
-            from nashray.oracles.cache import VerdictCache
             self.cache = VerdictCache(cache_dir, self.oracle.oracle_id)
         self.retries = retries
         self._calls = 0

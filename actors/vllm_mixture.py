@@ -28,21 +28,21 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from nashray.actors.engines import SOURCES
+from nashray.actors.sources import SOURCES
 
 ARCHITECTURE = "NashrayPolicyReferencePair"
 
 
-def pair_config(hf_config, mixture: float | None):
+def pair_config(hf_config, beta: float | None):
     """``hf_overrides`` for vLLM: the model folder's config with the pair as its architecture, the folder's own
-    architecture in ``nashray_wraps`` and β in ``nashray_mixture`` (None: no mixture). Idempotent (vLLM may read the
-    config more than once)."""
+    architecture in ``nashray_wraps`` and Nash-MD's β in ``nashray_beta`` (None: no mixture). Idempotent (vLLM may read
+    the config more than once)."""
     if hf_config.architectures != [ARCHITECTURE]:
         if not hf_config.architectures:
             raise ValueError("the model's config.json names no architecture: vLLM could not build π_θ and π_ref")
         hf_config.nashray_wraps = list(hf_config.architectures)
         hf_config.architectures = [ARCHITECTURE]
-    hf_config.nashray_mixture = mixture
+    hf_config.nashray_beta = beta
     return hf_config
 
 
@@ -63,13 +63,13 @@ class PolicyReferencePair(nn.Module):
         hf_config = vllm_config.model_config.hf_config
         wrapped, _ = ModelRegistry.resolve_model_cls(hf_config.nashray_wraps, vllm_config.model_config)
         self.vllm_config = vllm_config
-        self.mixture = hf_config.nashray_mixture
+        self.beta = hf_config.nashray_beta
         self.policy = wrapped(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "policy"))
         self.reference = wrapped(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "reference"))
         self.source = "policy"
 
     def set_source(self, source: str) -> None:
-        if source not in SOURCES or (source == "mixture" and self.mixture is None):
+        if source not in SOURCES or (source == "mixture" and self.beta is None):
             raise ValueError(f"source {source!r}: expected one of {SOURCES}, 'mixture' only with β")
         self.source = source
 
@@ -97,7 +97,7 @@ class PolicyReferencePair(nn.Module):
         policy_hidden, reference_hidden = (h.contiguous() for h in hidden_states.chunk(2, dim=-1))
         log_policy = torch.log_softmax(self.policy.compute_logits(policy_hidden).float(), -1)
         log_reference = torch.log_softmax(self.reference.compute_logits(reference_hidden).float(), -1)
-        return (1.0 - self.mixture) * log_policy + self.mixture * log_reference
+        return (1.0 - self.beta) * log_policy + self.beta * log_reference
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """``weights`` (the checkpoint's names) into the policy; the reference reads the model folder itself, so it

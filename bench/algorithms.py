@@ -141,9 +141,10 @@ def tournament(answers: dict, prompts: list[dict], oracle: dict) -> dict:
     from nashray.actors.judge import JudgeActor
     from nashray.cluster.driver import member_agreement, panel_member_names
     from nashray.cluster.evaluation import win_rate_interval
-    from nashray.oracles import oracle_config
+    from nashray.oracles.config import parse_oracle_config
     from nashray.trainers.pairs import cyclic_triads
     names = list(answers)
+    oracle = parse_oracle_config(oracle)
     judge = JudgeActor(oracle, None)
     pairs = list(itertools.combinations(range(len(names)), 2))
     asked = [{"prompt": p["prompt"], "a": answers[names[i]][p["prompt_id"]][0],
@@ -174,7 +175,7 @@ def tournament(answers: dict, prompts: list[dict], oracle: dict) -> dict:
         c, d = cyclic_triads(len(names), judged)
         cyclic, decided = cyclic + c, decided + d
     policy_triads = cyclic_triads(len(names), {(i, j): win[i, j] for i, j in pairs})
-    members = panel_member_names(oracle_config(oracle))
+    members = panel_member_names(oracle)
     agreement = {}
     for m, member in enumerate(members):
         decided_votes = sum(v["votes"] is not None and v["votes"][m] not in (None, 0.5) for v in votes)

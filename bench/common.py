@@ -199,27 +199,23 @@ def tmp_ray_dir() -> str:
 
 def generator_roles(cfg, num_cpus: float | None = None):
     """The campaign's generator pool (``nashray.cluster.actor_pool.ActorPool`` of ``GeneratorActor``, as
-    ``Campaign.start_roles`` builds it) inside a ``nashray.cluster.driver.Roles`` without judges or learner, so the round's
-    own phase functions (``driver.generate``, ``driver.push_weights``) can be timed on it."""
+    ``Campaign.start_roles`` builds it) inside a ``nashray.cluster.roles.Roles`` without judges or learner, so the round's
+    own phase functions (``roles.generate``, ``roles.push_weights``) can be timed on it."""
     import ray
 
     from nashray.actors.generator import GeneratorActor
     from nashray.cluster.actor_pool import ActorPool
-    from nashray.cluster.driver import Roles
+    from nashray.cluster.roles import Roles
     from nashray.cluster.placement import actor_options
 
-    config = cfg.model_dump(mode="json")
     options = actor_options(cfg.generators.resources)
     if num_cpus is not None:
         options["num_cpus"] = num_cpus
     gen_cls = ray.remote(GeneratorActor).options(**options)
-    pool = ActorPool("generators", lambda rank: gen_cls.remote(config, rank), cfg.generators.count,
+    pool = ActorPool("generators", lambda rank: gen_cls.remote(cfg, rank), cfg.generators.count,
                      cfg.generators.on_failure, cfg.generators.max_restarts, cfg.generators.timeout_s)
     pool.broadcast("ready", what="start")
-    import dataclasses
-    others = {f.name: None for f in dataclasses.fields(Roles)
-              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    return Roles(**{**others, "config": config, "generators": pool})
+    return Roles(generators=pool)
 
 
 def cpu_seconds() -> float:

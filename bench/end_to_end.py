@@ -86,7 +86,8 @@ class PairwiseOracleReward:
 
 
 def resolve_model(name: str, workdir: Path) -> str:
-    from nashray.models import build_tiny_model, smollm2_hf_folder
+    from nashray.models import smollm2_hf_folder
+    from tests.helpers import build_tiny_model
     if name == "smollm2":
         return str(smollm2_hf_folder())
     if name == "tiny":

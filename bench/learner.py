@@ -116,7 +116,7 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
     run_dir.create(dump_config(cfg))
     init_local_ray(num_cpus=args.threads + 2, object_store_gib=1.0, temp_dir=tmp_ray_dir())
     t0 = time.perf_counter()
-    learner = Learner(cfg.model_dump(mode="json"), run_dir.root)
+    learner = Learner(cfg, run_dir.root)
     workers = learner.workers()
     start_s = time.perf_counter() - t0
     rounds = []
@@ -125,7 +125,7 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
         tokens = processed_tokens(records)
         shards = ray.data.from_arrow(pa.Table.from_pylist(records)).split(1, equal=True)
         t0 = time.perf_counter()
-        result = learner.train_round(t, shards, run_dir.checkpoint_dir(t), t + 1)
+        result = learner.train_round(t, shards, run_dir.checkpoint_dir(t), t + 1).metrics
         wall = time.perf_counter() - t0
         compute_s = result["logprob_s"] + result["train_s"]
         flops = 8 * n_params * tokens
@@ -165,16 +165,15 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
     import deepspeed
 
     from nashray.trainers.algorithms import get_algorithm
-    from nashray.trainers.learner import RoundData, _score, build_optimizer, build_policy, deepspeed_config
+    from nashray.trainers.learner import RoundData, build_optimizer, build_policy, deepspeed_config, score_records
     torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     cfg = learner_config(folder, args)
-    config = cfg.model_dump(mode="json")
-    policy, reference, scorer, _ = build_policy(config)
+    policy, reference, scorer, _ = build_policy(cfg)
     reference.requires_grad_(False).eval()
-    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], config["learner"]["optimizer"])
+    optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.learner.optimizer)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
-                                      config=deepspeed_config(config["learner"], 1))
+                                      config=deepspeed_config(cfg.learner, 1))
     algorithm = get_algorithm("online_dpo")
     import pyarrow as pa
     records = round_records(folder, args.micro_batch * (args.profile_steps + 1), args.response_tokens, seed=99)
@@ -188,9 +187,9 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
     def one_step(idx):
         t0 = time.perf_counter()
         with torch.no_grad():
-            lp = _score(scorer, reference, data, idx, algorithm.sequences, "ref")
+            lp = score_records(scorer, reference, data, idx, algorithm.sequences, "ref")
         t1 = time.perf_counter()
-        lp.update(_score(scorer, engine, data, idx, algorithm.sequences, "theta"))
+        lp.update(score_records(scorer, engine, data, idx, algorithm.sequences, "theta"))
         loss = algorithm.loss(lp, data.tensors(idx), cfg.algorithm).mean()
         t2 = time.perf_counter()
         engine.backward(loss)

@@ -62,12 +62,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = resolve_model(args.model)
 
-    def config(engine: str) -> dict:
+    def config(engine: str) -> CampaignConfig:
         return CampaignConfig.model_validate({
             "model": {"path": folder, "dtype": args.dtype, "max_prompt_tokens": 96},
             "algorithm": {"name": "nash_md"},
             "generators": {"engine": engine, "sampling": {"max_new_tokens": args.max_new_tokens}, "kv_cache_gib": 1},
-        }).model_dump(mode="json")
+        })
 
     t0 = time.perf_counter()
     vllm_engine = VLLMEngine(config("vllm"))
@@ -79,7 +79,7 @@ def main() -> None:
     if len(prompts) < args.prompts:
         parser.error(f"builtin:demo has {len(prompts)} prompts, fewer than --prompts {args.prompts}")
     prompt_ids = [vllm_engine.encode_prompt(p.prompt_id, p.chat()) for p in prompts]
-    beta = config("vllm")["algorithm"]["mixture"]
+    beta = config("vllm").algorithm.beta
 
     def call(engine, source: str, seed: int, ids: list[list[int]] = prompt_ids) -> tuple[int, dict]:
         cpu_before, start = cpu_seconds(), time.perf_counter()

@@ -128,7 +128,8 @@ def write_random_llama(folder: Path, shape: dict, dtype: str) -> Path:
 
 
 def model_folder(size: str, workdir: Path, dtype: str) -> str:
-    from nashray.models import build_tiny_model, smollm2_hf_folder
+    from nashray.models import smollm2_hf_folder
+    from tests.helpers import build_tiny_model
     if size == "1m":
         return str(build_tiny_model(workdir / "tiny-1m", seed=0, hidden=128, layers=6))
     if size == "135m":
@@ -160,7 +161,7 @@ def bench_engine(size: str, args, workdir: Path) -> dict:
     config = CampaignConfig.model_validate({
         "model": {"path": folder, "dtype": args.dtype, "max_prompt_tokens": 64},
         "generators": {"engine": "vllm", "sampling": {"max_new_tokens": 16}, "kv_cache_gib": 1},
-    }).model_dump(mode="json")
+    })
     t0 = time.perf_counter()
     generators = [ray.remote(GeneratorActor).options(num_cpus=1).remote(config, rank)
                   for rank in range(args.generators)]

@@ -7,11 +7,22 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
+
+from nashray.cluster.config import ConfigError, load_config
+from nashray.cluster.console import QuietConsole
+from nashray.cluster.export import ExportError, export_model
+from nashray.cluster.progress import Progress
+from nashray.cluster.ray_util import init_local_ray
+from nashray.cluster.report import build_report, campaign_status, format_status
+from nashray.layout import RunDir, RunDirError
+from nashray.models import resolve_model_path
+from nashray.trainers.checkpoints import CheckpointError
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -28,11 +39,7 @@ def _overrides(pairs: list[str]) -> dict:
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that name a mistake in what the user gave — a config field, a prompt file and row, a model, a
     checkpoint file, a run directory: printed as their one message, without a traceback (``--verbose`` adds it)."""
-    from nashray.trainers.checkpoints import CheckpointError
-    from nashray.cluster.config import ConfigError
-    from nashray.cluster.export import ExportError
-    from nashray.cluster.prompts import PromptDataError
-    from nashray.layout import RunDirError
+    from nashray.cluster.prompts import PromptDataError  # lazy: prompts imports scipy (oracles.games), seconds
     return ConfigError, PromptDataError, CheckpointError, RunDirError, ExportError
 
 
@@ -42,8 +49,6 @@ def model_problem(ref: str) -> str | None:
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
-
-    from nashray.models import resolve_model_path
     try:
         resolved = resolve_model_path(ref)
     except (FileNotFoundError, RuntimeError) as err:  # a folder without config.json; SmolLM2 without its package
@@ -67,13 +72,13 @@ def _oracle_models(field: str, oracle) -> list[tuple[str, str]]:
     return [(f"{field}.model", oracle.model)] if oracle.kind in ("llm_judge", "reward_model", "pairwise_model") else []
 
 
-def check_models(cfg) -> None:
+def check_models(cfg, judges_only: bool = False) -> None:
     """Raise ConfigError naming the field when a model the campaign loads — the policy, a model judge — is not
-    available here: before any actor starts, where transformers would fail inside one, its traceback about repo ids."""
-    from nashray.cluster.config import ConfigError
-    refs = [("model.path", cfg.model.path)] if cfg.generators.engine != "tabular" else []
+    available here: before any actor starts, where transformers would fail inside one, its traceback about repo ids.
+    ``judges_only``: the judge's models only (``judges.oracle``, what ``serve-judge`` loads)."""
+    refs = [("model.path", cfg.model.path)] if cfg.generators.engine != "tabular" and not judges_only else []
     refs += _oracle_models("judges.oracle", cfg.judges.oracle)
-    if cfg.evaluation.oracle is not None:
+    if cfg.evaluation.oracle is not None and not judges_only:
         refs += _oracle_models("evaluation.oracle", cfg.evaluation.oracle)
     for field, ref in refs:
         problem = model_problem(ref)
@@ -82,12 +87,7 @@ def check_models(cfg) -> None:
 
 
 def cmd_run(args) -> int:
-    from nashray.cluster.config import load_config
-    from nashray.cluster.console import QuietConsole
-    from nashray.cluster.driver import run_campaign
-    from nashray.cluster.progress import Progress
-    from nashray.cluster.report import build_report
-    from nashray.layout import RunDir
+    from nashray.cluster.driver import run_campaign  # lazy: the driver imports Ray, Ray Train, vLLM and torch
     overrides = _overrides(args.set)
     if args.run_dir:
         overrides["storage.run_dir"] = args.run_dir
@@ -117,21 +117,18 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from nashray.cluster.report import campaign_status, format_status
     status = campaign_status(args.run_dir)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
 def cmd_report(args) -> int:
-    from nashray.cluster.report import build_report
     report = build_report(args.run_dir)
     print(f"report: {report.path} ({len(report.plots)} plots; overview: {report.images['overview']})")
     return 0
 
 
 def cmd_export(args) -> int:
-    from nashray.cluster.export import export_model
     out = export_model(args.run_dir, args.out, args.round)
     print(f"exported: {out} (HF model folder with README.md model card)")
     return 0
@@ -157,9 +154,8 @@ def _eval_oracle(args, campaign) -> dict:
 
 def cmd_eval(args) -> int:
     """Two models head to head on held-out prompts, judged by an oracle: A's win rate over B."""
-    from nashray.cluster.config import load_config
-    from nashray.cluster.evaluation import head_to_head
-    from nashray.cluster.prompts import load_prompts, split_prompts
+    from nashray.cluster.evaluation import head_to_head  # lazy: evaluation imports Ray, the actors and torch
+    from nashray.cluster.prompts import load_prompts, split_prompts  # lazy: imports scipy (oracles.games)
     campaign = load_config(args.config) if args.config else None
     if args.prompts or campaign is None:
         prompts = load_prompts(args.prompts or "builtin:demo", args.prompt_field)
@@ -190,6 +186,36 @@ def cmd_eval(args) -> int:
               f"{result['lc_win_rate_a_vs_b_high']:.3f}]", file=sys.stderr)
     else:
         print("every comparison was dropped: no win rate", file=sys.stderr)
+    return 0
+
+
+def cmd_serve_judge(args) -> int:
+    """Deploy the campaign's judge (``judges.oracle``) as a Ray Serve app per ``judges.serve``, print its URL (what an
+    HTTP judge's ``url`` takes), and keep it up until Ctrl-C (``--detach``: leave it running on the cluster)."""
+    from nashray.oracles.serve import serve_judge, stop_judge, unservable_reason  # lazy: imports Ray Serve, FastAPI
+    cfg = load_config(args.config, _overrides(args.set))
+    oracle = cfg.judges.oracle
+    problem = unservable_reason(oracle)
+    if problem:
+        raise ConfigError(f"judges.oracle: {problem}; serve-judge deploys judges.oracle per judges.serve: set it "
+                          f"to the oracle to serve")
+    if args.detach and cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("--detach needs a running Ray cluster to leave the judge on: set cluster.address (or "
+                          "RAY_ADDRESS); a local cluster started here stops when this command exits")
+    check_models(cfg, judges_only=True)
+    init_local_ray(num_cpus=None, object_store_gib=cfg.cluster.object_store_gib, address=cfg.cluster.address,
+                   bind_host=cfg.cluster.bind_host)
+    url = serve_judge(oracle, cfg.judges.serve, seed=cfg.seed)
+    print(f"judge {cfg.judges.serve.name!r} ({oracle.kind}) serving at {url}", flush=True)
+    if args.detach:
+        return 0
+    print("Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_judge(cfg.judges.serve)
     return 0
 
 
@@ -246,6 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", help="write the result, with every answer and verdict, as JSON")
     evaluate.set_defaults(func=cmd_eval)
+    serve_judge = sub.add_parser("serve-judge", parents=[common],
+                                 help="deploy the campaign's judge (judges.oracle) with Ray Serve per judges.serve: "
+                                      "an OpenAI-compatible chat-completions route for HTTP judges")
+    serve_judge.add_argument("config", help="campaign YAML (its judges, judges.serve and cluster sections)")
+    serve_judge.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
+    serve_judge.add_argument("--detach", action="store_true",
+                             help="return once deployed, leaving the judge on the cluster at cluster.address "
+                                  "(stop it with `serve shutdown` or `serve delete NAME`)")
+    serve_judge.set_defaults(func=cmd_serve_judge)
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and getattr(args, "resume", None):
         parser.error("give either CONFIG or --resume RUN_DIR, not both")

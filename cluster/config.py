@@ -8,18 +8,19 @@ a discriminated union on ``algorithm.name``; each default cites the paper it com
 from __future__ import annotations
 
 import ipaddress
-import re
+import logging
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 
+# The judges' oracle models live in the oracles layer (oracles import nothing from here).
+from nashray.oracles.config import OracleConfig, RuleOracleConfig, Strict
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """A campaign config that cannot run; the message names every bad field with its path."""
@@ -127,17 +128,31 @@ class NashMD(_Algorithm):
     where the plain surrogate under those 30 epochs cycles at 0.1–0.3 (a simulation of the same learner). Sampling
     must be plain (temperature 1, top-p 1): the policy gradient assumes y ~ π_t and the ratio divides by π_t(y)."""
     name: Literal["nash_md"]
-    mixture: float = Field(0.125, ge=0, le=1)
+    beta: float = Field(0.125, ge=0, le=1, validation_alias=AliasChoices("beta", "mixture"),
+                        description="β, the weight of π_ref in the opponent's mixture π_t^{1−β}·π_ref^{β} (formerly "
+                                    "`mixture`, still read with a deprecation warning)")
     tau: float = Field(0.1, gt=0)
     clip_ratio: float | None = Field(0.2, gt=0, lt=1, description="PPO's ε for the importance ratio to the sampling "
                                                                   "policy; null: the on-policy surrogate, one "
                                                                   "optimizer step per round")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mixture_is_beta(cls, data: Any) -> Any:
+        """``mixture`` was the name of β before it was ``beta``, as in the paper and the losses."""
+        if isinstance(data, dict) and "mixture" in data:
+            if "beta" in data:
+                raise ValueError("give beta only: mixture is its deprecated name, and both are set")
+            message = "algorithm.mixture of nash_md is deprecated: call it algorithm.beta (the same β)"
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+            log.warning(message)
+        return data
+
     @model_validator(mode="after")
     def _proximal_weight_finite(self) -> "NashMD":
-        if self.clip_ratio is not None and self.mixture == 0:
-            raise ValueError("mixture 0 makes the proximal weight (1 − β)τ/β of clip_ratio's loss infinite (the "
-                             "mirror-descent step is η = β/τ = 0): set mixture > 0, or clip_ratio null for one "
+        if self.clip_ratio is not None and self.beta == 0:
+            raise ValueError("beta 0 makes the proximal weight (1 − β)τ/β of clip_ratio's loss infinite (the "
+                             "mirror-descent step is η = β/τ = 0): set beta > 0, or clip_ratio null for one "
                              "on-policy step per round")
         return self
 
@@ -188,121 +203,6 @@ class GeneratorConfig(Strict):
 
 
 # ------------------------------------------------------------------------------------------------- judges
-
-class MatrixOracleConfig(Strict):
-    """A tabular game: P[i, j] = probability that response i beats response j, per prompt."""
-    kind: Literal["matrix"]
-    game: str | None = Field(None, description="a JSON game file; omitted: the game of data.game")
-    sample: bool = Field(True, description="judge with a Bernoulli(P) draw, as a noisy human would")
-
-
-class RuleOracleConfig(Strict):
-    kind: Literal["rule"]
-    rule: str = Field(..., description="a rule oracle's name, see nashray.oracles.rules.RULES")
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _buildable(self) -> "RuleOracleConfig":
-        from nashray.oracles.rules import build_rule
-        build_rule(self.rule, self.options)  # an unknown rule or option fails at load, naming what exists
-        return self
-
-
-def _judging_template(template: str | None) -> str | None:
-    if template is not None:
-        from nashray.oracles.judging import check_template
-        check_template(template)
-    return template
-
-
-class ModelOracleConfig(Strict):
-    """A judge backed by a model: an LLM judge, a reward model or a pairwise preference model (oracles/)."""
-    kind: Literal["llm_judge", "reward_model", "pairwise_model"]
-    model: str
-    engine: Literal["hf", "vllm"] = Field("hf", description="vllm: llm_judge only")
-    template: str | None = Field(None, description="judging message with {prompt}, {a}, {b}; omitted: the default")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    both_orders: bool = Field(True, description="ask in both orders and average (removes position bias)")
-    batch_size: int = Field(8, ge=1, description="sequences per forward pass (hf engine)")
-    max_length: int = Field(2048, ge=16, description="tokens; longer judging prompts are dropped (llm_judge) or "
-                                                     "cut from the left (reward/pairwise models)")
-    kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache (VLLM_CPU_KVCACHE_SPACE), vllm engine")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm engine on a GPU")
-    trust_remote_code: bool = False
-
-    _template = field_validator("template")(_judging_template)
-
-    @model_validator(mode="after")
-    def _engine_fits_kind(self) -> "ModelOracleConfig":
-        if self.engine == "vllm" and self.kind != "llm_judge":
-            raise ValueError(f"engine 'vllm' serves kind 'llm_judge' only; kind {self.kind!r} needs engine 'hf'")
-        return self
-
-
-class HTTPOracleConfig(Strict):
-    kind: Literal["http"]
-    url: str
-    model: str = "judge"
-    api_key_env: str | None = Field(None, description="environment variable holding the API key; never the key")
-    timeout_s: float = Field(30, gt=0)
-    retries: int = Field(3, ge=0)
-    concurrency: int = Field(8, ge=1)
-    template: str | None = None
-    both_orders: bool = Field(True, description="ask in both orders and average (removes position bias)")
-    backoff_s: float = Field(0.5, ge=0, description="retry k waits backoff_s * 2**(k-1)")
-    top_logprobs: int = Field(20, ge=0, le=20, description="0: do not ask for log-probabilities, parse the text")
-
-    _template = field_validator("template")(_judging_template)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url_without_credentials(cls, url: str) -> str:
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parsed.username is not None or parsed.password is not None:
-            # the URL is written to config.yaml, cache keys and logs: a password in it would be too
-            raise ValueError("must not carry credentials (user:password@); name the environment variable holding "
-                             "the key in api_key_env")
-        return url
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _variable_name(cls, name: str | None) -> str | None:
-        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ValueError("must be the NAME of an environment variable holding the key (letters, digits, _), "
-                             "never the key itself")
-        return name
-
-
-class SentimentOracleConfig(Strict):
-    """VADER's lexicon sentiment (oracles/sentiment.py): P(a ≻ b) = σ(sharpness·(s_a − s_b)) on compound scores."""
-    kind: Literal["sentiment"]
-    prefer: Literal["positive", "negative"] = "positive"
-    sharpness: float = Field(4.0, gt=0)
-
-
-class EnsembleOracleConfig(Strict):
-    """A panel of oracles voting on each comparison (oracles/ensemble.py); intransitive where its members disagree."""
-    kind: Literal["ensemble"]
-    members: list["OracleConfig"] = Field(..., min_length=1)
-    combine: Literal["mean", "majority"] = "mean"
-    weights: list[float] | None = Field(None, description="one positive weight per member (omitted: equal)")
-
-    @model_validator(mode="after")
-    def _one_weight_per_member(self) -> "EnsembleOracleConfig":
-        if self.weights is not None and (len(self.weights) != len(self.members) or min(self.weights) <= 0):
-            raise ValueError(f"weights must be {len(self.members)} positive numbers, one per member; got "
-                             f"{self.weights}")
-        return self
-
-
-OracleConfig = Annotated[
-    Union[MatrixOracleConfig, RuleOracleConfig, ModelOracleConfig, HTTPOracleConfig, SentimentOracleConfig,
-          EnsembleOracleConfig],
-    Field(discriminator="kind")]
-EnsembleOracleConfig.model_rebuild()
-
 
 class AutoscalingConfig(Strict):
     min_replicas: int = Field(1, ge=0)

@@ -70,10 +70,10 @@ def link_ray_logs(log_dir: Path) -> Path | None:
     """``log_dir/ray`` → the running Ray session's log folder (every actor's stdout/stderr), when this process
     started or joined a Ray node whose logs are on this machine; the link, or None."""
     import ray
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is None:
+    if not ray.is_initialized():
         return None
-    target = Path(node.get_logs_dir_path())
+    context = ray.get_runtime_context()
+    target = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
     if not target.is_dir():  # a remote cluster's head: its logs are on that host (and in `ray job logs`)
         return None
     log_dir.mkdir(parents=True, exist_ok=True)

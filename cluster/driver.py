@@ -16,40 +16,35 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
 
+from nashray.actors.generator import GeneratorActor
+from nashray.actors.judge import JudgeActor
 from nashray.cluster.actor_pool import ActorPool
 from nashray.cluster.config import CampaignConfig, dump_config, load_config
 from nashray.cluster.console import QuietConsole, link_ray_logs
+from nashray.cluster.evaluation import ensure_baseline, evaluate_round
 from nashray.cluster.metrics import RoundLoggers
+from nashray.cluster.placement import actor_options, check_placeable
 from nashray.cluster.progress import Progress
 from nashray.cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_campaign_prompts
-from nashray.layout import DATASET_DONE, CampaignState, RunDir, atomic_write_json, newest_checkpoint, read_table, write_table
+from nashray.cluster.ray_util import init_local_ray
+from nashray.cluster.roles import Roles, generate, judge, push_weights, score_comparisons, verify_push
+from nashray.layout import (DATASET_DONE, CampaignState, RunDir, atomic_write_bytes, atomic_write_json,
+                            newest_checkpoint, read_table, write_table)
+from nashray.trainers.algorithms import get_algorithm
+from nashray.trainers.checkpoints import validate_checkpoint
+from nashray.trainers.learner import Learner
 from nashray.trainers.pairs import cyclic_triads
-
-
-@dataclass
-class Roles:
-    """The campaign's actor pools and the learner; ``config`` is the JSON form every actor is built from;
-    ``current_push`` is the newest weight push, which a replacement generator is brought to."""
-    config: dict
-    generators: ActorPool
-    judges: ActorPool
-    learner: object
-    judge_batch: int
-    current_push: object = None
-    eval_judges: ActorPool | None = None  # started by the first evaluation when evaluation.oracle is set
-
-    def shutdown(self) -> None:
-        self.learner.shutdown()
-        for pool in (self.generators, self.judges, self.eval_judges):
-            if pool is not None:
-                pool.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -61,52 +56,9 @@ def panel_member_names(oracle) -> list[str]:
     return [f"{i}:{getattr(m, 'rule', None) or m.kind}" for i, m in enumerate(oracle.members)]
 
 
-def chunk_seed(seed: int | None, chunk: int) -> int | None:
-    """The seed of one chunk of a seeded call: a function of the campaign seed, round, stream and chunk alone, so a
-    resumed round, or a chunk retried on a replaced actor, draws exactly what the first attempt would have."""
-    return None if seed is None else int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
-
-
 def round_seed(cfg: CampaignConfig, t: int, stream: str) -> int:
     """Round t's seed for one random stream (the judges' draws)."""
     return int(np.random.SeedSequence([cfg.seed, t, *stream.encode()]).generate_state(1)[0])
-
-
-def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
-    """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
-    :meth:`nashray.actors.generator.GeneratorActor.generate`). Each generator continues its own stream, seeded by campaign
-    seed and rank."""
-    n = len(roles.generators)
-    chunks = [(prompts[i::n], k, source, None, score) for i in range(n) if prompts[i::n]]
-    return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
-
-
-def judge(roles: Roles, comparisons: list[dict], seed: int | None = None) -> list[dict]:
-    """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over the judges in contiguous chunks
-    (``seed``: see :func:`chunk_seed`)."""
-    if not comparisons:
-        return []
-    size = min(math.ceil(len(comparisons) / len(roles.judges)), roles.judge_batch)
-    chunks = [(comparisons[i:i + size], chunk_seed(seed, n)) for n, i in enumerate(range(0, len(comparisons), size))]
-    return [v for part in roles.judges.map("judge", chunks, "judgements") for v in part]
-
-
-def score_comparisons(roles: Roles, by_prompt: dict[str, list[dict]], planned: list[tuple]) -> list[dict]:
-    """The ``score`` strategy: one oracle score per response, each planned pair's verdict σ(s_a − s_b)."""
-    items = [(p, i) for p, samples in by_prompt.items() for i in range(len(samples))]
-    size = min(math.ceil(len(items) / len(roles.judges)), roles.judge_batch)
-    chunks = [([{"prompt": by_prompt[p][i]["prompt"], "response": by_prompt[p][i]["response"]}
-                for p, i in items[n:n + size]],) for n in range(0, len(items), size)]
-    scored = dict(zip(items, (s for part in roles.judges.map("score", chunks, "scores") for s in part)))
-    verdicts = []
-    for p, i, j in planned:
-        a, b = scored[(p, i)], scored[(p, j)]
-        if a["score"] is None or b["score"] is None:
-            verdicts.append({"prob": None, "reason": a["reason"] or b["reason"], "cached": False})
-        else:
-            verdicts.append({"prob": float(1 / (1 + math.exp(b["score"] - a["score"]))), "reason": None,
-                             "cached": False})
-    return verdicts
 
 
 def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[str, list[dict]],
@@ -124,7 +76,7 @@ def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[st
     if scoring:
         verdicts = score_comparisons(roles, by_prompt, planned)
     else:
-        verdicts = judge(roles, [{"prompt": by_prompt[p][i]["prompt"], "a": by_prompt[p][i]["response"],
+        verdicts = judge(roles.judges, [{"prompt": by_prompt[p][i]["prompt"], "a": by_prompt[p][i]["response"],
                                   "b": by_prompt[p][j]["response"]} for p, i, j in planned], seed)
     rows, judged = [], {p: {} for p in by_prompt}
     for (prompt_id, i, j), verdict in zip(planned, verdicts):
@@ -178,29 +130,10 @@ def group_by_prompt(samples: list[dict]) -> dict[str, list[dict]]:
     return grouped
 
 
-def push_weights(roles: Roles, push, version: int) -> float:
-    """Every generator applies the same push (one object-store reference) in place; returns the seconds it took.
-    A generator replaced during the push gets the push too (the pool's ``prepare`` hook)."""
-    start = time.perf_counter()
-    roles.current_push = push
-    versions = roles.generators.broadcast("apply_weights", push, version, what="weight push")
-    if any(v != version for v in versions):
-        raise RuntimeError(f"weight push: generators report versions {versions}, expected {version}")
-    return time.perf_counter() - start
-
-
-def verify_push(roles: Roles, probe: dict) -> float:
-    """Largest |log π_generator − log π_learner| over the learner's probe sequences, across all generators."""
-    got = roles.generators.broadcast("sequence_logprobs", probe["prompt_ids"], probe["response_ids"],
-                                     what="push check")
-    return float(max(abs(a - b) for values in got for a, b in zip(values, probe["logprobs"])))
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 class Campaign:
     def __init__(self, cfg: CampaignConfig, run: RunDir, progress: Progress | None = None):
-        from nashray.trainers.algorithms import get_algorithm
         self.cfg = cfg
         self.run = run
         self.algorithm = get_algorithm(cfg.algorithm.name)
@@ -220,7 +153,6 @@ class Campaign:
         build records. ``train_version`` is the policy version that will train on it (the generators' own, or one
         ahead with asynchronous rounds). Returns the round's metrics so far and its Ray Data dataset."""
         cfg, run, algo, progress = self.cfg, self.run, self.algorithm, self.progress
-        round_dir = run.round_dir(t)
         rng = np.random.default_rng([cfg.seed, t])
         metrics: dict = {"round": t, "version": train_version, "generators": len(roles.generators),
                          "judges": len(roles.judges), "learner_workers": cfg.learner.workers}
@@ -297,10 +229,10 @@ class Campaign:
         with progress.phase("train", t) as ph:  # a round whose checkpoint is complete is not trained again
             result = roles.learner.train_round(t, dataset.split(cfg.learner.workers, equal=True),
                                                self.run.checkpoint_dir(t), version + 1)
-            ph.done(f"loss {result['loss']:.4f}")
+            ph.done(f"loss {result.metrics['loss']:.4f}")
         metrics["train_phase_s"] = timer() - start
-        weights, probe = result.pop("weights"), result.pop("probe")
-        metrics.update({k: v for k, v in result.items() if k != "round"})
+        weights, probe = result.weights, result.probe
+        metrics.update(result.metrics)
         if ahead is not None:
             ahead.result()  # a generator cannot take weights in the middle of a generate call
             metrics["overlap_wait_s"] = timer() - start - metrics["train_phase_s"]
@@ -318,12 +250,9 @@ class Campaign:
 
     def _persist_dataset(self, records: list[dict], train_dir: Path):
         """The round's training data as a Ray Data dataset, written as parquet before any training starts."""
-        import ray.data
         if not (train_dir / DATASET_DONE).exists():
-            tmp = train_dir.with_name("train.tmp")
-            import shutil
+            tmp = train_dir.with_name(train_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            import pyarrow as pa
             # The round's actors may hold every CPU of the cluster: Ray Data's tasks must not wait for one.
             ray.data.from_arrow(pa.Table.from_pylist(records)).write_parquet(str(tmp),
                                                                             ray_remote_args={"num_cpus": 0})
@@ -332,43 +261,34 @@ class Campaign:
             tmp.rename(train_dir)
         # The files are read here and handed over as one materialized dataset: a round's records are megabytes, and
         # `read_parquet` + `split` costs a 4-5 s execution per round on a small cluster, more than training them.
-        import pyarrow.parquet as pq
         return ray.data.from_arrow(pq.read_table(train_dir))
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, roles: Roles, push) -> dict:
-        from nashray.cluster.evaluation import evaluate_round
-        return evaluate_round(self, roles, push)
+        return evaluate_round(self.cfg, self.run, roles, push)
 
     # ---------------------------------------------------------------- the campaign
     def start_roles(self, state: CampaignState) -> Roles:
-        import ray
-        from nashray.actors.generator import GeneratorActor
-        from nashray.actors.judge import JudgeActor
-        from nashray.cluster.placement import actor_options, check_placeable
-        from nashray.trainers.learner import Learner
-
         cfg, run = self.cfg, self.run
         check_placeable(cfg)
-        config = cfg.model_dump(mode="json")
         gen_cls = ray.remote(GeneratorActor).options(**actor_options(cfg.generators.resources))
         judge_cls = ray.remote(JudgeActor).options(**actor_options(cfg.judges.resources))
-        oracle = cfg.judges.oracle.model_dump(mode="json")
 
         def bring_to_current(generator) -> None:
             if roles.current_push is not None:
                 ray.get(generator.apply_weights.remote(roles.current_push, roles.current_push.version))
 
-        generators = ActorPool("generators", lambda rank: gen_cls.remote(config, rank), cfg.generators.count,
+        generators = ActorPool("generators", lambda rank: gen_cls.remote(cfg, rank), cfg.generators.count,
                                cfg.generators.on_failure, cfg.generators.max_restarts, cfg.generators.timeout_s,
                                prepare=bring_to_current)
-        judges = ActorPool("judges", lambda rank: judge_cls.remote(oracle, str(run.judge_cache), cfg.judges.retries,
+        judges = ActorPool("judges", lambda rank: judge_cls.remote(cfg.judges.oracle, str(run.judge_cache),
+                                                                   cfg.judges.retries,
                                                                    cfg.data.game, seed=cfg.seed + rank),
                            cfg.judges.count, cfg.judges.on_failure, cfg.judges.max_restarts, cfg.judges.timeout_s)
         # The learner starts from the newest complete checkpoint, which can be one round ahead of state.json (a crash
         # between the two): that round is then finished from its files, not trained again.
-        learner = Learner(config, run.root)
-        roles = Roles(config, generators, judges, learner, cfg.judges.batch_size)
+        learner = Learner(cfg, run.root)
+        roles = Roles(generators, judges, learner, cfg.judges.batch_size)
         try:
             placed = {"generators": generators.broadcast("ready", what="start",
                                                          timeout_s=cfg.generators.start_timeout_s),
@@ -379,9 +299,10 @@ class Campaign:
             raise
         atomic_write_json(run.roles_path, placed)  # where each role runs, for `nashray status`
         if cfg.generators.weight_transport == "broadcast":
-            host, port = learner.open_broadcast(len(generators), cfg.generators.broadcast_backend,
-                                                cfg.generators.timeout_s)
-            generators.broadcast("join_weight_broadcast", host, port, what="joining the weight broadcast",
+            address = learner.open_broadcast(len(generators), cfg.generators.broadcast_backend,
+                                             cfg.generators.timeout_s)
+            generators.broadcast("join_weight_broadcast", address.host, address.port,
+                                 what="joining the weight broadcast",
                                  per_rank=lambda rank: (rank + 1, len(generators) + 1,
                                                         cfg.generators.broadcast_backend, cfg.generators.timeout_s))
         return roles
@@ -393,8 +314,7 @@ class Campaign:
         if state.checkpoint:  # generators start from the base model: bring them to the resumed version
             push_weights(roles, roles.learner.current_weights(state.version), state.version)
         elif cfg.evaluation.every_rounds:
-            from nashray.cluster.evaluation import ensure_baseline
-            ensure_baseline(self, roles)
+            ensure_baseline(self.cfg, self.run, self.split.eval, roles)
         overlap = ThreadPoolExecutor(1, thread_name_prefix="nashray-next-round") if cfg.schedule.async_rounds else None
         prepared = None
         try:
@@ -439,8 +359,6 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
     """Start (or resume) a campaign and run it to its last round; returns its run directory. With a ``console``
     (`nashray run` without ``--verbose``) the driver's output moves into RUN_DIR/logs/ and the actors' stays in Ray's
     logs: the terminal shows only the progress lines."""
-    from nashray.cluster.ray_util import init_local_ray
-
     if resume:
         run = RunDir(resume)
         cfg = load_config(run.config_path, overrides)
@@ -448,11 +366,9 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         state = run.read_state()
         if state.checkpoint and not run.complete_checkpoint(state.rounds_completed - 1):
             raise RuntimeError(f"{run.root}: state.json names checkpoint {state.checkpoint}, which is incomplete")
-        from nashray.trainers.checkpoints import validate_checkpoint
         for checkpoint in {newest_checkpoint(run.checkpoints_root), state.checkpoint} - {None}:
             validate_checkpoint(checkpoint, cfg)  # names the bad file before any actor starts
         if overrides:  # the resumed config, e.g. with more generators, is the one in force from now on
-            from nashray.layout import atomic_write_bytes
             atomic_write_bytes(run.config_path, dump_config(cfg).encode())
     else:
         cfg = load_config(config_path, overrides)

@@ -1,7 +1,7 @@
 """Evaluation: how good the policy is, measured on held-out prompts after every push, and head to head between any
 two models (``nashray eval``).
 
-Per round (LLM campaigns), on the first ``evaluation.prompts`` prompts of the held-out split (``campaign.split.eval``,
+Per round (LLM campaigns), on the first ``evaluation.prompts`` prompts of the held-out split (``Campaign.split.eval``,
 never trained on), the current policy π_θ answers once per prompt and the evaluation judge (``evaluation.oracle``,
 else the judges' oracle) compares each answer (``a``) with the initial policy's answer (``b``, generated once before
 the first update, ``eval/baseline.parquet``):
@@ -38,18 +38,35 @@ round policies π_1..π_t, where SPPO and DNO converge while their last iterates
 :func:`running_average_policy`).
 
 ``ranking_accuracy`` (Chen et al. 2024, arXiv 2405.19534) is for the learner to compute from its pass over the
-round's pairs before the first update (π_t and π_ref log-probs) with :func:`ranking_counts`.
+round's pairs before the first update (π_t and π_ref log-probs) with
+:func:`nashray.trainers.ranking.ranking_counts`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import ray
+from scipy.special import logsumexp
 
+from nashray.actors.generator import GeneratorActor
+from nashray.actors.judge import JudgeActor
+from nashray.cluster.actor_pool import ActorPool
+from nashray.cluster.config import CampaignConfig
+from nashray.cluster.placement import actor_options
+from nashray.cluster.roles import Roles, generate, judge
 from nashray.layout import RunDir, atomic_write_json, read_table, write_table
+from nashray.oracles import games
+from nashray.oracles.config import parse_oracle_config
+from nashray.oracles.rules import build_rule
+from nashray.trainers.learner import SequenceLogprobs
+from nashray.weights import push_state_dict
 
 Z95 = 1.959963984540054
 LC_PRIOR_PRECISION = (0.1, 0.1)
@@ -146,29 +163,6 @@ def length_controlled_win_rate(probs, len_a, len_b, scale: float | None = None, 
             "lc_win_rate_high": float(_sigmoid(w[0] + z * se)), "lc_length_coef": float(w[1])}
 
 
-def ranking_counts(logp_a, logp_b, ref_a, ref_b, target) -> tuple[float, int]:
-    """Ranking accuracy's numerator and denominator (Chen et al. 2024, "Preference Learning Algorithms Do Not Learn
-    Preference Rankings", arXiv 2405.19534): over the pairs with a preferred response (target ≠ ½; target = P(a ≻ b),
-    a is preferred when target > ½), how many the policy ranks right, i.e. whose preferred response has the larger
-    log-ratio log π_θ(y) − log π_ref(y) — the implicit DPO reward's ranking. A tie in log-ratio counts ½ (a coin
-    flip), so π_θ = π_ref, whose log-ratios are all 0, scores ½ rather than 0. Inputs are per-pair sequence log-probs
-    (numpy arrays, lists or CPU tensors)."""
-    arrays = [np.asarray(v, dtype=float).reshape(-1) for v in (logp_a, logp_b, ref_a, ref_b, target)]
-    if len({len(a) for a in arrays}) != 1:
-        raise ValueError(f"ranking_counts: lengths differ {[len(a) for a in arrays]}")
-    logp_a, logp_b, ref_a, ref_b, target = arrays
-    margin = (logp_a - ref_a) - (logp_b - ref_b)
-    decided = target != 0.5
-    preferred_margin = np.where(target > 0.5, margin, -margin)[decided]
-    return float((preferred_margin > 0).sum() + 0.5 * (preferred_margin == 0).sum()), int(decided.sum())
-
-
-def ranking_accuracy(logp_a, logp_b, ref_a, ref_b, target) -> float | None:
-    """Fraction of decided pairs ranked right (see :func:`ranking_counts`); None when no pair is decided."""
-    right, decided = ranking_counts(logp_a, logp_b, ref_a, ref_b, target)
-    return right / decided if decided else None
-
-
 def compare_answers(probs: list[float | None], answers_a: list[str], answers_b: list[str], name: str) -> dict:
     """Win rate with interval and LC win rate of a over b from the verdicts (None = dropped, left out), under
     ``win_rate_{name}``, ``lc_win_rate_{name}`` (each with ``_low``/``_high``) and ``lc_length_coef``."""
@@ -199,9 +193,6 @@ def feature_game_metrics(M: np.ndarray, policy_classes, ref_classes, kl_terms, t
     q, r, and the class distribution q* of the regularised Nash of M (r smoothed by ½ a count per class, so that
     log r is finite). 95% intervals: percentile bootstrap over the answers (policy answers with their KL terms, and
     the initial answers, resampled independently)."""
-    from scipy.special import logsumexp
-
-    from nashray.oracles.games import regularized_nash
     classes = M.shape[0]
     policy_classes, ref_classes = np.asarray(policy_classes), np.asarray(ref_classes)
     kl_terms = None if kl_terms is None else np.asarray(kl_terms, dtype=float)
@@ -228,7 +219,7 @@ def feature_game_metrics(M: np.ndarray, policy_classes, ref_classes, kl_terms, t
     smoothed = (np.bincount(ref_classes, minlength=classes) + 0.5) / (m + 0.5 * classes)
     point.update(feature_class_distribution=dist(policy_classes).tolist(),
                  feature_ref_class_distribution=dist(ref_classes).tolist(),
-                 feature_regularized_nash=regularized_nash(M, smoothed, tau).tolist(), feature_tau=tau)
+                 feature_regularized_nash=games.regularized_nash(M, smoothed, tau).tolist(), feature_tau=tau)
     return point
 
 
@@ -237,7 +228,6 @@ def declared_feature_game(oracle_cfg):
     (``feature`` and ``feature_game``), else None."""
     if oracle_cfg is None or oracle_cfg.kind != "rule":
         return None
-    from nashray.oracles.rules import build_rule
     rule = build_rule(oracle_cfg.rule, oracle_cfg.options)
     return rule if hasattr(rule, "feature_game") else None
 
@@ -249,23 +239,17 @@ def _plain_sampling(cfg) -> bool:
     return sampling.temperature == 1.0 and sampling.top_p == 1.0
 
 
-def _baseline_paths(campaign):
-    return campaign.run.baseline_path, campaign.run.baseline_info_path
-
-
-def ensure_baseline(campaign, roles) -> None:
+def ensure_baseline(cfg: CampaignConfig, run: RunDir, eval_prompts: list, roles: Roles) -> None:
     """The initial policy's answers to the held-out prompts, generated once before the first update, with their
     log π_ref scored by the learner (whose forward keeps only the response positions' logits; vLLM's prompt
     log-probs compute the LM head at every prompt token, minutes for 64 answers on 2 cores)."""
-    from nashray.cluster.driver import generate
-    path, info_path = _baseline_paths(campaign)
-    cfg = campaign.cfg
-    if path.exists() or campaign.tabular or not campaign.split.eval or not cfg.evaluation.prompts:
+    path, info_path = run.baseline_path, run.baseline_info_path
+    if path.exists() or cfg.generators.engine == "tabular" or not eval_prompts or not cfg.evaluation.prompts:
         return
-    prompts = [p.as_dict() for p in campaign.split.eval[:cfg.evaluation.prompts]]
+    prompts = [p.as_dict() for p in eval_prompts[:cfg.evaluation.prompts]]
     baseline = generate(roles, prompts, 1, "policy")
     scored = [s for s in baseline if s["response_ids"]]
-    ref = dict(zip(((s["prompt_id"]) for s in scored), _learner_logprobs(roles, scored)["reference"]))
+    ref = dict(zip(((s["prompt_id"]) for s in scored), _learner_logprobs(roles, scored).reference))
     for sample in baseline:
         sample["ref_logprob"] = ref.get(sample["prompt_id"])
     atomic_write_json(info_path, {"model_path": cfg.model.path, "plain_sampling": _plain_sampling(cfg),
@@ -273,30 +257,23 @@ def ensure_baseline(campaign, roles) -> None:
     write_table(path, baseline)
 
 
-def _learner_logprobs(roles, samples: list[dict]) -> dict[str, list[float]]:
-    """``{"policy": [...], "reference": [...]}``: log π_θ(y | x) and log π_ref(y | x) of each sample, from the learner,
-    which holds both with the same numerics."""
+def _learner_logprobs(roles: Roles, samples: list[dict]) -> SequenceLogprobs:
+    """log π_θ(y | x) and log π_ref(y | x) of each sample (``.policy``, ``.reference``), from the learner, which holds
+    both with the same numerics."""
     if not samples:
-        return {"policy": [], "reference": []}
+        return SequenceLogprobs(policy=[], reference=[])
     return roles.learner.sequence_logprobs([s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples])
 
 
-def _eval_judges(campaign, roles):
+def _eval_judges(cfg: CampaignConfig, run: RunDir, roles: Roles) -> ActorPool:
     """The judges of the evaluation: the campaign's own, or, when ``evaluation.oracle`` is set, one judge actor of
     that oracle, started on first use and kept on ``roles`` (as ``eval_judges``) for the campaign."""
-    cfg = campaign.cfg
     if cfg.evaluation.oracle is None:
         return roles.judges
-    pool = getattr(roles, "eval_judges", None)
+    pool = roles.eval_judges
     if pool is None:
-        import ray
-
-        from nashray.actors.judge import JudgeActor
-        from nashray.cluster.actor_pool import ActorPool
-        from nashray.cluster.placement import actor_options
         judge_cls = ray.remote(JudgeActor).options(**actor_options(cfg.judges.resources))
-        oracle = cfg.evaluation.oracle.model_dump(mode="json")
-        pool = ActorPool("eval judge", lambda rank: judge_cls.remote(oracle, str(campaign.run.judge_cache),
+        pool = ActorPool("eval judge", lambda rank: judge_cls.remote(cfg.evaluation.oracle, str(run.judge_cache),
                                                                      cfg.judges.retries, cfg.data.game,
                                                                      seed=cfg.seed + 7919 + rank),
                          1, cfg.judges.on_failure, cfg.judges.max_restarts, cfg.judges.timeout_s)
@@ -304,11 +281,11 @@ def _eval_judges(campaign, roles):
     return pool
 
 
-def evaluate_round(campaign, roles, push) -> dict:
-    if campaign.tabular:
-        return _evaluate_tabular(campaign, push)
-    from nashray.cluster.driver import generate
-    path, info_path = _baseline_paths(campaign)
+def evaluate_round(cfg: CampaignConfig, run: RunDir, roles: Roles, push) -> dict:
+    """The policy of ``push`` (version t + 1, trained by round t) against the initial policy's baseline answers."""
+    if cfg.generators.engine == "tabular":
+        return _evaluate_tabular(cfg, run, push)
+    path, info_path = run.baseline_path, run.baseline_info_path
     if not path.exists():
         return {}
     start = time.perf_counter()
@@ -319,10 +296,8 @@ def evaluate_round(campaign, roles, push) -> dict:
     by_id = {s["prompt_id"]: s for s in current}
     answers = [by_id[b["prompt_id"]] for b in baseline]
     comparisons = [{"prompt": b["prompt"], "a": s["response"], "b": b["response"]} for b, s in zip(baseline, answers)]
-    judges = _eval_judges(campaign, roles)
-    size = min(math.ceil(len(comparisons) / len(judges)), campaign.cfg.judges.batch_size)
-    chunks = [(comparisons[i:i + size],) for i in range(0, len(comparisons), size)]
-    verdicts = [v for part in judges.map("judge", chunks, "eval judgements") for v in part]
+    verdicts = judge(_eval_judges(cfg, run, roles), comparisons, cfg.judges.batch_size,
+                     what="eval judgements")
     probs = [v["prob"] for v in verdicts]
 
     out = {"eval_comparisons": len(verdicts), "eval_judge_dropped": sum(p is None for p in probs),
@@ -330,7 +305,7 @@ def evaluate_round(campaign, roles, push) -> dict:
            "eval_initial_mean_response_tokens": float(np.mean([len(b["response_ids"]) for b in baseline]))}
     out.update(compare_answers(probs, [s["response"] for s in answers], [b["response"] for b in baseline],
                                "vs_initial"))
-    if info.get("model_path") == campaign.cfg.model.path and "win_rate_vs_initial" in out:
+    if info.get("model_path") == cfg.model.path and "win_rate_vs_initial" in out:
         out.update({key.replace("vs_initial", "vs_ref"): value for key, value in out.items()
                     if "win_rate_vs_initial" in key})
 
@@ -338,21 +313,21 @@ def evaluate_round(campaign, roles, push) -> dict:
     # One learner call scores π_θ's fresh answers (both log-probs) and π_ref's baseline answers (π_θ's log-prob).
     kl_answers = answers if info.get("plain_sampling") else []
     both = _learner_logprobs(roles, kl_answers + scored)
-    policy_logprobs = both["policy"][len(kl_answers):]
+    policy_logprobs = both.policy[len(kl_answers):]
     if scored and info.get("plain_sampling"):
         out["eval_kl_ref_to_policy"] = float(np.mean([b["ref_logprob"] - lp
                                                       for b, lp in zip(scored, policy_logprobs)]))
     kl_terms = None
     if kl_answers:
         # KL(π_θ ‖ π_ref), the divergence the algorithms regularise, over π_θ's own fresh answers.
-        kl_terms = np.subtract(both["policy"][:len(kl_answers)], both["reference"][:len(kl_answers)])
+        kl_terms = np.subtract(both.policy[:len(kl_answers)], both.reference[:len(kl_answers)])
         out["eval_kl_policy_to_ref"] = float(np.mean(kl_terms))
-    feature_rule = declared_feature_game(campaign.cfg.evaluation.oracle or campaign.cfg.judges.oracle)
+    feature_rule = declared_feature_game(cfg.evaluation.oracle or cfg.judges.oracle)
     if feature_rule is not None:
         classes = [feature_rule.feature(s["response"]) for s in answers]
         ref_classes = [feature_rule.feature(b["response"]) for b in baseline]
         out.update(feature_game_metrics(feature_rule.feature_game(), classes, ref_classes, kl_terms,
-                                        getattr(campaign.cfg.algorithm, "tau", 0.1), seed=campaign.cfg.seed))
+                                        getattr(cfg.algorithm, "tau", 0.1), seed=cfg.seed))
     policy_of = {b["prompt_id"]: lp for b, lp in zip(scored, policy_logprobs)}
     rows = [{"prompt_id": b["prompt_id"], "prompt": b["prompt"], "prompt_ids": s["prompt_ids"],
              "response": s["response"], "response_ids": s["response_ids"],
@@ -361,19 +336,17 @@ def evaluate_round(campaign, roles, push) -> dict:
              "initial_ref_logprob": b.get("ref_logprob"), "initial_policy_logprob": policy_of.get(b["prompt_id"])}
             for b, s, v in zip(baseline, answers, verdicts)]
     # the push of round t carries version t + 1 (one version per round, from 0)
-    write_table(campaign.run.eval_path(push.version - 1), rows)
+    write_table(run.eval_path(push.version - 1), rows)
     out["eval_s"] = time.perf_counter() - start
     return out
 
 
-def _evaluate_tabular(campaign, push) -> dict:
-    from nashray.oracles import games
-    from nashray.weights import push_state_dict
-    game = games.load_game(campaign.cfg.data.game)
+def _evaluate_tabular(cfg: CampaignConfig, run: RunDir, push) -> dict:
+    game = games.load_game(cfg.data.game)
     logits = push_state_dict(push)["logits"].double().numpy()
     pi = np.exp(logits - logits.max(-1, keepdims=True))
     pi /= pi.sum(-1, keepdims=True)
-    tau = getattr(campaign.cfg.algorithm, "tau", 0.1)
+    tau = getattr(cfg.algorithm, "tau", 0.1)
     out = {
         "exploitability": games.exploitability(game.P, pi),
         "regularized_exploitability": games.regularized_exploitability(game.P, game.pi_ref, pi, tau),
@@ -381,16 +354,16 @@ def _evaluate_tabular(campaign, push) -> dict:
         "tau": tau,
     }
     # the push of round t carries version t + 1 (one version per round, from 0)
-    average = running_average_policy(campaign.run, push.version - 1, game.prompts, pi)
+    average = running_average_policy(run, push.version - 1, game.prompts, pi)
     if average is not None:
         out["avg_exploitability"] = games.exploitability(game.P, average)
         out["avg_regularized_exploitability"] = games.regularized_exploitability(game.P, game.pi_ref, average, tau)
     policy = {name: p.tolist() for name, p in zip(game.prompts, pi)}
-    atomic_write_json(campaign.run.policy_path, policy)
+    atomic_write_json(run.policy_path, policy)
     return out
 
 
-def running_average_policy(run, t: int, prompts: list[str], pi: np.ndarray) -> np.ndarray | None:
+def running_average_policy(run: RunDir, t: int, prompts: list[str], pi: np.ndarray) -> np.ndarray | None:
     """(π_1 + … + π_{t+1}) / (t + 1) per prompt, with ``pi`` = π_{t+1}, the policy round t trained. Kept in
     ``rounds/t/average_policy.json`` and continued from round t−1's file, so a resumed campaign (whose earlier
     round directories persist) carries it on, and a replayed round rewrites its own. None, and nothing written,
@@ -415,10 +388,8 @@ def running_average_policy(run, t: int, prompts: list[str], pi: np.ndarray) -> n
 def checkpoint_or_model(path: str) -> str:
     """A model for ``nashray eval``: a run directory stands for its newest checkpoint (state.json's); anything else
     (a checkpoint folder, an HF folder or id, ``smollm2-135m-instruct``) is passed through."""
-    from pathlib import Path
-
     folder = Path(path).expanduser()
-    if (folder / "state.json").is_file():
+    if RunDir(folder).state_path.is_file():
         state = RunDir(folder).read_state()
         if not state.checkpoint:
             raise ValueError(f"run directory {folder} has no checkpoint yet (no round finished)")
@@ -426,9 +397,8 @@ def checkpoint_or_model(path: str) -> str:
     return path
 
 
-def _generate_with(config: dict, prompts: list[dict], seed: int) -> list[dict]:
+def _generate_with(config: CampaignConfig, prompts: list[dict], seed: int) -> list[dict]:
     """One answer per prompt from the model of ``config``, generated in this process."""
-    from nashray.actors.generator import GeneratorActor
     return GeneratorActor(config).generate(prompts, 1, "policy", seed=seed)
 
 
@@ -438,11 +408,6 @@ def head_to_head(model_a: str, model_b: str, prompts: list[dict], oracle: dict, 
     """Each model answers every prompt once (same sampling settings and seed), the oracle judges P(a ≻ b) for each
     prompt, and the result is model A's win rate over model B with its interval and the length-controlled win rate
     (:func:`compare_answers`), plus every answer and verdict under ``rows``."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from nashray.actors.judge import JudgeActor
-    from nashray.cluster.config import CampaignConfig
     if engine not in ("hf", "vllm"):
         raise ValueError(f"engine must be 'hf' or 'vllm', got {engine!r}")
     if not prompts:
@@ -452,19 +417,20 @@ def head_to_head(model_a: str, model_b: str, prompts: list[dict], oracle: dict, 
         weights[side] = checkpoint_or_model(path)
         config = CampaignConfig.model_validate({
             "seed": seed, "model": {"path": weights[side], "dtype": dtype, "max_prompt_tokens": max_prompt_tokens},
-            "generators": {"engine": engine, "sampling": sampling or {}}}).model_dump(mode="json")
+            "generators": {"engine": engine, "sampling": sampling or {}}})
         if engine == "hf":
             answers[side] = _generate_with(config, prompts, seed)
         else:  # a vLLM engine does not give its memory back inside a process: one child process per model
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 answers[side] = pool.submit(_generate_with, config, prompts, seed).result()
-    judge = JudgeActor(oracle, None, judge_retries)
-    verdicts = judge.judge([{"prompt": p["prompt"], "a": a["response"], "b": b["response"]}
+    judge_actor = JudgeActor(parse_oracle_config(oracle), None, judge_retries)
+    verdicts = judge_actor.judge([{"prompt": p["prompt"], "a": a["response"], "b": b["response"]}
                             for p, a, b in zip(prompts, answers["a"], answers["b"])])
     probs = [v["prob"] for v in verdicts]
     texts_a, texts_b = [s["response"] for s in answers["a"]], [s["response"] for s in answers["b"]]
     result = {"model_a": model_a, "model_b": model_b, "weights_a": weights["a"], "weights_b": weights["b"],
-              "oracle": judge.oracle.oracle_id, "engine": engine, "sampling": config["generators"]["sampling"],
+              "oracle": judge_actor.oracle.oracle_id, "engine": engine,
+              "sampling": config.generators.sampling.model_dump(),
               "dtype": dtype, "seed": seed, "prompts": len(prompts),
               "dropped": sum(p is None for p in probs),
               "mean_response_tokens_a": float(np.mean([len(s["response_ids"]) for s in answers["a"]])),

@@ -12,9 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-from nashray.trainers.checkpoints import validate_checkpoint
 from nashray.cluster.config import load_config
 from nashray.layout import CHECKPOINT_DONE, RunDir, newest_checkpoint
+from nashray.models import SMOLLM2
+from nashray.trainers.checkpoints import validate_checkpoint
 
 
 class ExportError(ValueError):
@@ -47,7 +48,6 @@ def _hub_id(model_path: str) -> str | None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from nashray.models import SMOLLM2
     if model_path.lower() == SMOLLM2 or Path(model_path).expanduser().exists():
         return None
     try:

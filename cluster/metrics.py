@@ -16,6 +16,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from nashray.layout import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 TB_SUBDIR = "tb"
@@ -163,7 +165,6 @@ class RoundLoggers:
         self.runs.pop(name, None)
 
     def _open(self) -> None:
-        from nashray.layout import atomic_write_json
         ids = self._run_ids()
         for name in self.pending:
             try:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from nashray.cluster.config import CampaignConfig, LearnerConfig, Resources
+from nashray.internals import ray_autoscaler_cluster_config
 
 # Ray takes these through num_cpus / num_gpus / memory, never through ``resources``.
 RESERVED = ("CPU", "GPU", "memory", "object_store_memory")
@@ -96,10 +97,9 @@ def cluster_shapes() -> list[NodeShape]:
     """The nodes of the connected Ray cluster: every alive node, plus, where an autoscaler has published the
     cluster's node groups (KubeRay), each group at its maximum size."""
     import ray
-    from ray._private.state import state
 
     shapes = [NodeShape({k: float(v) for k, v in n["Resources"].items()}) for n in ray.nodes() if n["Alive"]]
-    config = state.get_cluster_config()
+    config = ray_autoscaler_cluster_config()
     for group in (config.node_group_configs if config is not None else ()):
         if group.max_count != 0 and group.resources:
             shapes.append(NodeShape({k: float(v) for k, v in group.resources.items()},

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nashray.models import load_tokenizer, resolve_model_path
+from nashray.oracles.games import load_game
+
 # Embedded prompt set of the demo campaign: short instructions an instruct model answers in a sentence or two.
 DEMO_PROMPTS = [
     "What is the capital of France?", "Name a fruit that is yellow.", "What is 7 times 8?",
@@ -109,7 +112,6 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train") -> li
     if source == "builtin:demo":
         return [Prompt(f"demo-{i:03d}", text) for i, text in enumerate(DEMO_PROMPTS)]
     if source.startswith("game:"):
-        from nashray.oracles.games import load_game
         return [Prompt(name, name) for name in load_game(source[len("game:"):]).prompts]
     if source == "builtin:instructions":
         path = INSTRUCTIONS_FILE
@@ -242,8 +244,7 @@ def check_prompts_fit_model(prompts: list[Prompt], cfg, source: str) -> None:
     model.max_prompt_tokens (the error names the prompt)."""
     from transformers import AutoConfig
 
-    from nashray.actors.engines import chat_prompt_ids
-    from nashray.models import load_tokenizer, resolve_model_path
+    from nashray.actors.engines import chat_prompt_ids  # lazy: loads torch, which reading prompts does not need
     model, limit, new_tokens = cfg.model.path, cfg.model.max_prompt_tokens, cfg.generators.sampling.max_new_tokens
     base = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=cfg.model.trust_remote_code)
     context = getattr(base, "max_position_embeddings", None)

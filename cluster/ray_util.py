@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+from nashray.internals import ray_cluster_mode
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -18,9 +20,8 @@ def init_local_ray(num_cpus: int | None = None, object_store_gib: float = 1.0, t
     127.0.0.1; a private temp dir keeps a killed cluster's current-cluster file from hanging the next ``ray.init``."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    import ray._private.ray_constants as ray_constants
     # Ray reads the variable once, at import: when something imported ray before us, set what it derived.
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
+    ray_cluster_mode(os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false"))
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for the job's driver

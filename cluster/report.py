@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from nashray.layout import CHECKPOINT_DONE, DATASET_DONE, RunDir, RunDirError, read_table
+from nashray.layout import (CHECKPOINT_DONE, DATASET_DONE, JUDGEMENTS_FILE, SAMPLES_FILE, RunDir, RunDirError,
+                            read_table)
 
 # ------------------------------------------------------------------------------------------------ plot data
 
@@ -213,14 +214,13 @@ def campaign_status(run_dir: str | Path, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     cfg = yaml.safe_load(run.config_path.read_text()) if run.config_path.exists() else {}
     metrics = run.metrics()
-    rounds_root = run.root / "rounds"
+    rounds_root = run.rounds_root
     round_dirs = sorted((p for p in rounds_root.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: p.name)
     planned = (cfg.get("schedule") or {}).get("rounds")
 
     in_flight = None
     if round_dirs and int(round_dirs[-1].name) >= state.rounds_completed:
         t = int(round_dirs[-1].name)
-        d = round_dirs[-1]
         steps = [("generated", run.samples_path(t).exists()), ("judged", run.judgements_path(t).exists()),
                  ("dataset written", (run.train_dir(t) / DATASET_DONE).exists()),
                  ("trained", run.complete_checkpoint(t) is not None), ("evaluated", run.eval_path(t).exists()),
@@ -235,8 +235,8 @@ def campaign_status(run_dir: str | Path, now: float | None = None) -> dict:
     roles_file = run.roles_path
     placed = json.loads(roles_file.read_text()) if roles_file.exists() else {}
     outputs = {
-        "generators": _newest(rounds_root.glob("*/samples.parquet")),
-        "judges": _newest(rounds_root.glob("*/judgements.parquet")),
+        "generators": _newest(rounds_root.glob(f"*/{SAMPLES_FILE}")),
+        "judges": _newest(rounds_root.glob(f"*/{JUDGEMENTS_FILE}")),
         "learner": max(((_round_index(checkpoints_root / n), _mtime(checkpoints_root / n / CHECKPOINT_DONE))
                         for n in complete), default=None),
     }

@@ -37,6 +37,9 @@ ADAPTER_DIR = "adapter"
 DATASET_DONE = "_SUCCESS"
 """A round's training dataset's marker (``rounds/t/train/_SUCCESS``, its record count), written last."""
 AVERAGE_POLICY = "average_policy.json"
+STATE_FILE = "state.json"
+SAMPLES_FILE = "samples.parquet"
+JUDGEMENTS_FILE = "judgements.parquet"
 
 
 def newest_checkpoint(root: Path) -> Path | None:
@@ -101,7 +104,7 @@ class RunDir:
 
     @property
     def state_path(self) -> Path:
-        return self.root / "state.json"
+        return self.root / STATE_FILE
 
     @property
     def metrics_path(self) -> Path:
@@ -115,8 +118,12 @@ class RunDir:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
+    @property
+    def rounds_root(self) -> Path:
+        return self.root / "rounds"
+
     def round_dir(self, t: int) -> Path:
-        return self.root / "rounds" / f"{t:04d}"
+        return self.rounds_root / f"{t:04d}"
 
     def checkpoint_dir(self, t: int) -> Path:
         return self.checkpoints_root / f"round-{t:04d}"
@@ -150,10 +157,10 @@ class RunDir:
         return self.eval_dir / "baseline.json"
 
     def samples_path(self, t: int) -> Path:
-        return self.round_dir(t) / "samples.parquet"
+        return self.round_dir(t) / SAMPLES_FILE
 
     def judgements_path(self, t: int) -> Path:
-        return self.round_dir(t) / "judgements.parquet"
+        return self.round_dir(t) / JUDGEMENTS_FILE
 
     def train_dir(self, t: int) -> Path:
         return self.round_dir(t) / "train"

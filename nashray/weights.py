@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol, Union
 
+from nashray.models import torch_dtype
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,7 +39,6 @@ TIES_METADATA_KEY = "nashray.tied"
 def _resolve_dtype(dtype: "str | torch.dtype | None"):
     if dtype is None or not isinstance(dtype, str):
         return dtype
-    from nashray.models import torch_dtype
     return torch_dtype(dtype)
 
 

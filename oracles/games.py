@@ -170,12 +170,6 @@ def game_to_json(game: Game) -> dict:
                         for p, name in enumerate(game.prompts)}}
 
 
-def save_game(game: Game, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(game_to_json(game), indent=1), encoding="utf-8")
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ oracle
 
 class MatrixOracle(PreferenceOracle):

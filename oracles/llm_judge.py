@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 
+from nashray.models import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 from nashray.oracles.judging import (DEFAULT_TEMPLATE, VERDICTS, check_template, judging_messages, order_questions,
                              two_token_probability, verdicts_from_orders)
@@ -25,14 +26,13 @@ class HFNextToken:
 
     def __init__(self, path: str, dtype: str, batch_size: int, pad_id: int, trust_remote_code: bool = False):
         import torch
-        from nashray.models import load_causal_lm
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(path, dtype, trust_remote_code).to(self.device).eval()
         self.batch_size, self.pad_id = batch_size, pad_id
 
     def logprobs(self, sequences: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         import torch
-        from nashray.oracles.hf import left_padded, length_sorted_batches
+        from nashray.oracles.hf import left_padded, length_sorted_batches  # lazy: oracles.hf imports torch
         results: list[list[float]] = [[] for _ in sequences]
         with torch.inference_mode():
             for batch in length_sorted_batches(sequences, self.batch_size):
@@ -55,7 +55,6 @@ class VLLMNextToken:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        from nashray.models import resolve_dtype
         on_gpu = torch.cuda.is_available()
         self.llm = LLM(model=path, dtype=resolve_dtype(dtype), seed=seed, max_model_len=max_length,
                        enforce_eager=not on_gpu,
@@ -81,8 +80,7 @@ class LLMJudge(PreferenceOracle):
     def __init__(self, model: str, engine: str = "hf", template: str | None = None, dtype: str = "float32",
                  both_orders: bool = True, batch_size: int = 8, max_length: int = 2048, kv_cache_gib: int = 1,
                  gpu_memory_utilization: float = 0.5, seed: int = 0, trust_remote_code: bool = False):
-        from nashray.oracles.hf import single_token_id
-        from nashray.models import load_tokenizer, resolve_model_path
+        from nashray.oracles.hf import single_token_id  # lazy: oracles.hf imports torch
         path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(path)
         if not self.tokenizer.chat_template:
@@ -101,7 +99,7 @@ class LLMJudge(PreferenceOracle):
         self.oracle_id = f"llm_judge:{model}:{template_hash}:{'both' if both_orders else 'first'}"
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        from nashray.oracles.hf import chat_text
+        from nashray.oracles.hf import chat_text  # lazy: oracles.hf imports torch
         return self.tokenizer(chat_text(self.tokenizer, messages, add_generation_prompt=True),
                               add_special_tokens=False)["input_ids"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from nashray.models import load_tokenizer, resolve_model_path, torch_dtype
 from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 
 
@@ -23,7 +24,6 @@ class ScalarHead:
                  trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForSequenceClassification
-        from nashray.models import load_tokenizer, resolve_model_path, torch_dtype
         path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(path)
         self.tokenizer.truncation_side = "left"
@@ -40,7 +40,7 @@ class ScalarHead:
 
     def logits(self, texts: list[str]) -> list[float]:
         import torch
-        from nashray.oracles.hf import left_padded, length_sorted_batches
+        from nashray.oracles.hf import left_padded, length_sorted_batches  # lazy: oracles.hf imports torch
         encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True,
                                  max_length=self.max_length)["input_ids"]
         out = [0.0] * len(texts)
@@ -63,7 +63,7 @@ class RewardModelOracle(PreferenceOracle):
         self.oracle_id = f"reward_model:{model}"
 
     def _text(self, prompt: str, response: str) -> str:
-        from nashray.oracles.hf import chat_text
+        from nashray.oracles.hf import chat_text  # lazy: oracles.hf imports torch
         tokenizer = self.head.tokenizer
         if tokenizer.chat_template:
             return chat_text(tokenizer, [{"role": "user", "content": prompt},

@@ -26,6 +26,7 @@ import re
 from typing import Callable
 
 from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.sentiment import sentiment_class
 
 
 class Undecidable(ValueError):
@@ -247,7 +248,6 @@ class Cyclic(RuleOracle):
         self.classes, self.strength, self.feature_name, self.bins = classes, float(strength), feature, bins
         self._game = self.feature_game()
         if feature == "sentiment":
-            from nashray.oracles.sentiment import sentiment_class
             self._sentiment = sentiment_class
 
     def feature(self, response: str) -> int:

@@ -27,8 +27,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from nashray.oracles import build_oracle, oracle_config
+from nashray.internals import bind_serve_replica_grpc_on_node_address
+from nashray.oracles import build_oracle
+from nashray.oracles.base import Comparison
+from nashray.oracles.config import parse_oracle_config
 from nashray.oracles.judging import DEFAULT_TEMPLATE, VERDICTS, parse_judging_message
+from nashray.oracles.llm_judge import LLMJudge
 
 LOGPROB_FLOOR = -9999.0
 _UNSERVABLE = {"http": "serving an HTTP judge would only proxy another endpoint",
@@ -44,7 +48,6 @@ class ParsedComparisonJudge:
         self.oracle, self.template = oracle, template
 
     def verdict_logprobs(self, conversations: list[list[dict[str, str]]]) -> list[tuple[float, float] | str]:
-        from nashray.oracles.base import Comparison
         answers: list[tuple[float, float] | str | None] = [None] * len(conversations)
         parsed: list[tuple[int, Comparison]] = []
         for i, messages in enumerate(conversations):
@@ -100,36 +103,26 @@ def completion(model: str, logprob_a: float, logprob_b: float, with_logprobs: bo
             "model": model, "choices": [choice]}
 
 
-def _replica_grpc_on_node_address() -> None:
-    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on every interface (``[::]:0``, with no
-    option to change it); rebind it to this node's Ray address, which is where other replicas and proxies connect to
-    it and what Ray's own services listen on: 127.0.0.1 on a local cluster. Called in the replica's process before
-    Serve starts that server (it does so after the deployment's constructor)."""
-    import ray
-    from ray.serve._private import replica
-
-    host = ray.util.get_node_ip_address()
-    bind = replica.add_port_to_grpc_server
-    if getattr(bind, "nashray_host", None) == host:
-        return
-
-    def bind_on_node_address(server, address: str):
-        return bind(server, address.replace("[::]", f"[{host}]" if ":" in host else host, 1))
-
-    bind_on_node_address.nashray_host = host
-    replica.add_port_to_grpc_server = bind_on_node_address
+def unservable_reason(oracle_cfg) -> str | None:
+    """Why the oracle ``oracle_cfg`` (an ``OracleConfig`` or dict) cannot be served as a judge, or None."""
+    cfg = parse_oracle_config(oracle_cfg)
+    if cfg.kind in _UNSERVABLE:
+        return f"oracle kind {cfg.kind!r} cannot be served: {_UNSERVABLE[cfg.kind]}"
+    return None
 
 
+# Serve captures the class (with the globals its methods name) when it is decorated: define those above it.
 @serve.deployment
 @serve.ingress(api)
 class JudgeServer:
     def __init__(self, oracle_cfg: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
                  seed: int = 0):
-        from nashray.oracles.llm_judge import LLMJudge
-        _replica_grpc_on_node_address()
-        cfg = oracle_config(oracle_cfg)
-        if cfg.kind in _UNSERVABLE:
-            raise ValueError(f"oracle kind {cfg.kind!r} cannot be served: {_UNSERVABLE[cfg.kind]}")
+        # Serve starts the replica's gRPC server after this constructor: rebind it before (see nashray.internals).
+        bind_serve_replica_grpc_on_node_address()
+        cfg = parse_oracle_config(oracle_cfg)
+        problem = unservable_reason(cfg)
+        if problem:
+            raise ValueError(problem)
         oracle = build_oracle(cfg, seed=seed)
         self.judge = oracle if isinstance(oracle, LLMJudge) else ParsedComparisonJudge(
             oracle, getattr(cfg, "template", None) or DEFAULT_TEMPLATE)
@@ -175,8 +168,11 @@ def deployment_options(serve_cfg) -> dict:
 
 def judge_application(oracle_cfg, serve_cfg, seed: int = 0):
     """The bound Serve application for ``oracle_cfg`` (an ``OracleConfig`` or dict) under ``serve_cfg``
-    (``judges.serve``)."""
-    cfg = oracle_config(oracle_cfg)
+    (``judges.serve``). Raises ValueError for an oracle that cannot be served."""
+    cfg = parse_oracle_config(oracle_cfg)
+    problem = unservable_reason(cfg)
+    if problem:
+        raise ValueError(problem)
     return JudgeServer.options(**deployment_options(serve_cfg)).bind(
         cfg.model_dump(), serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s, seed)
 
@@ -188,3 +184,9 @@ def serve_judge(oracle_cfg, serve_cfg, seed: int = 0) -> str:
     serve.run(judge_application(oracle_cfg, serve_cfg, seed), name=serve_cfg.name,
               route_prefix=serve_cfg.route_prefix)
     return f"http://{serve_cfg.host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}/v1"
+
+
+def stop_judge(serve_cfg) -> None:
+    """Delete the judge application ``serve_cfg.name`` (what :func:`serve_judge` deployed); Serve's proxy stays up
+    for any other application."""
+    serve.delete(serve_cfg.name)

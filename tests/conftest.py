@@ -22,7 +22,7 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random Llama with its own tokenizer and chat template (a full HF folder)."""
-    from nashray.models import build_tiny_model
+    from tests.helpers import build_tiny_model
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=0))
 
 

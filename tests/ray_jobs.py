@@ -37,7 +37,7 @@ def submit_campaign(url: str, config: str | Path, env: dict, timeout_s: float = 
     return subprocess.run(
         [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "runs"]}),
-         "--", sys.executable, "-m", "nashray.cluster.cli", "run", str(config)],
+         "--", sys.executable, "-m", "nashray.cli", "run", str(config)],
         env=env, capture_output=True, text=True, timeout=timeout_s)
 
 

@@ -48,7 +48,7 @@ HTTP = {"kind": "http", "url": "http://127.0.0.1:9/v1"}
     ({"generators": {"engine": "tabular"}}, ["data.game"]),
     ({**TABULAR, "data": {"game": "builtin:rps"}, "learner": {"precision": "bf16"}}, ["learner.precision"]),
     ({"judges": {"oracle": {"kind": "matrix"}}}, ["judges.oracle.kind 'matrix'", "generators.engine"]),
-    ({"algorithm": {"name": "nash_md", "mixture": 1.5}}, ["algorithm.nash_md.mixture"]),  # out of range
+    ({"algorithm": {"name": "nash_md", "beta": 1.5}}, ["algorithm.nash_md.beta"]),  # out of range
     ({"algorithm": {"name": "inpo", "eta": 5, "tau": 0.5}}, ["algorithm.inpo", "eta * tau = 2.5 > 1"]),
     ({"schedule": {"async_rounds": True, "max_staleness": 0}}, ["schedule.async_rounds", "max_staleness ≥ 1"]),
     ({"schedule": {"async_anchor": "judge"}}, ["schedule.async_anchor", "'generator' or 'learner'"]),
@@ -67,8 +67,10 @@ HTTP = {"kind": "http", "url": "http://127.0.0.1:9/v1"}
      ["algorithm.clip_ratio", "schedule.async_anchor 'generator'"]),
     ({"algorithm": {"name": "nash_md"}, "generators": {"engine": "hf", "sampling": {"temperature": 0.7}}},
      ["nash_md", "generators.sampling.temperature 1 and top_p 1"]),
-    ({"algorithm": {"name": "nash_md", "mixture": 0.0}, "generators": {"engine": "hf"}},
-     ["algorithm.nash_md", "mixture 0", "clip_ratio null"]),
+    ({"algorithm": {"name": "nash_md", "beta": 0.0}, "generators": {"engine": "hf"}},
+     ["algorithm.nash_md", "beta 0", "clip_ratio null"]),
+    ({"algorithm": {"name": "nash_md", "beta": 0.2, "mixture": 0.2}},
+     ["algorithm.nash_md", "give beta only"]),  # the deprecated name and the new one, both
     ({"algorithm": {"name": "nash_md", "clip_ratio": 1.5}, "generators": {"engine": "hf"}},
      ["algorithm.nash_md.clip_ratio"]),
 ])
@@ -226,7 +228,7 @@ def test_prompts_longer_than_the_model_context_fail_before_generation(tmp_path, 
 def test_a_generator_refuses_a_prompt_longer_than_max_prompt_tokens(tiny_model_dir):
     from nashray.actors.engines import HFEngine, PromptTooLong
     engine = HFEngine(parse_config({"model": {"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 16},
-                                    "generators": {"engine": "hf"}}).model_dump(mode="json"))
+                                    "generators": {"engine": "hf"}}))
     with pytest.raises(PromptTooLong, match=r"prompt 'row-7' is \d+ tokens with its chat template, over "
                                             r"model.max_prompt_tokens = 16"):
         engine.encode_prompt("row-7", "the quick brown fox jumps over the lazy dog " * 3)
@@ -343,9 +345,11 @@ def test_bad_replies_cost_only_their_own_comparisons_and_judged_ones_are_kept(ra
     drops its own comparison with a reason, the rest are judged and persisted in the judge cache, so a restarted judge
     asks the endpoint only about the dropped ones."""
     from nashray.actors.judge import JudgeActor
+    from nashray.oracles.config import parse_oracle_config
 
     ray, cache = ray_cluster, tmp_path / "judge-cache"
-    oracle = {"kind": "http", "url": mixed_judge.url, "retries": 0, "both_orders": False, "top_logprobs": 0}
+    oracle = parse_oracle_config({"kind": "http", "url": mixed_judge.url, "retries": 0, "both_orders": False,
+                                  "top_logprobs": 0})
     bad = ["garbage", "malformed", "positive", "status 500"]
     batch = [{"prompt": p, "a": "short", "b": "a longer answer"} for p in ["q1", *bad, "q2"]]
     batch.append({"prompt": "q3", "a": "a longer answer", "b": "short"})
@@ -375,7 +379,7 @@ def test_bad_replies_cost_only_their_own_comparisons_and_judged_ones_are_kept(ra
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> str:
-    from nashray.models import build_tiny_model
+    from tests.helpers import build_tiny_model
     return str(build_tiny_model(tmp_path_factory.mktemp("other-llama"), seed=1, hidden=96))
 
 

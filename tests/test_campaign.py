@@ -207,7 +207,7 @@ def test_tabular_rps_nash_md_reaches_regularised_nash(ray_cluster, tmp_path, lea
 
     sections = dict(
         seed=0,
-        algorithm={"name": "nash_md", "mixture": 0.125, "tau": 0.1},
+        algorithm={"name": "nash_md", "beta": 0.125, "tau": 0.1},
         generators={"count": 2, "engine": "tabular", "resources": {"num_cpus": 0.5}},
         judges={"count": 2, "oracle": {"kind": "matrix", "sample": True}, "resources": {"num_cpus": 0.5}},
         learner={"workers": 1, "precision": "fp32", "zero_stage": 0, "micro_batch_size": 10000,

@@ -30,6 +30,7 @@ def test_campaign_round_judged_by_each_oracle_kind(ray_cluster, tmp_path, tiny_m
     from nashray.cluster.driver import group_by_prompt, run_campaign
     from nashray.layout import read_table
     from nashray.oracles import build_oracle
+    from nashray.oracles.config import parse_oracle_config
     from nashray.oracles.base import Comparison
 
     oracle = oracle_config(kind, tiny_classifier_dir)
@@ -51,7 +52,7 @@ def test_campaign_round_judged_by_each_oracle_kind(ray_cluster, tmp_path, tiny_m
     rows = read_table(run.round_dir(0) / "judgements.parquet")
     asked = [Comparison(by_prompt[r["prompt_id"]][r["i"]]["prompt"], by_prompt[r["prompt_id"]][r["i"]]["response"],
                         by_prompt[r["prompt_id"]][r["j"]]["response"]) for r in rows]
-    expected = [v.prob for v in build_oracle(oracle).compare(asked)]
+    expected = [v.prob for v in build_oracle(parse_oracle_config(oracle)).compare(asked)]
     written = [r["prob"] for r in rows]
     assert all(0.0 <= p <= 1.0 for p in written)
     assert written == pytest.approx(expected, abs=1e-5)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from nashray.cluster.evaluation import (LC_PRIOR_PRECISION, compare_answers, fit_logistic, length_controlled_win_rate,
-                                length_features, ranking_accuracy, ranking_counts, win_rate_interval)
+                                length_features, win_rate_interval)
+from nashray.trainers.ranking import ranking_accuracy, ranking_counts
 
 
 def sigmoid(x):

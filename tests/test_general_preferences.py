@@ -11,6 +11,7 @@ import pytest
 
 from nashray.oracles import build_oracle
 from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
+from nashray.oracles.config import EnsembleOracleConfig, SentimentOracleConfig, parse_oracle_config
 from nashray.trainers.pairs import cyclic_triads
 
 PANEL = {"kind": "ensemble", "combine": "majority", "members": [
@@ -24,13 +25,14 @@ PANEL = {"kind": "ensemble", "combine": "majority", "members": [
 
 def test_sentiment_oracle_prefers_the_more_positive_answer_with_a_logistic_link():
     from nashray.oracles.sentiment import Sentiment
-    oracle = build_oracle({"kind": "sentiment", "sharpness": 2.0})
+    oracle = build_oracle(SentimentOracleConfig(kind="sentiment", sharpness=2.0))
     a, b = "What a wonderful, happy day!", "This is a terrible, sad day."
     [v] = oracle.compare([Comparison("x", a, b)])
     gap = Sentiment.compound(a) - Sentiment.compound(b)
     assert gap > 1.0
     assert v.prob == pytest.approx(1 / (1 + np.exp(-2.0 * gap)))
-    [w] = build_oracle({"kind": "sentiment", "prefer": "negative", "sharpness": 2.0}).compare([Comparison("x", a, b)])
+    negative = build_oracle(SentimentOracleConfig(kind="sentiment", prefer="negative", sharpness=2.0))
+    [w] = negative.compare([Comparison("x", a, b)])
     assert w.prob == pytest.approx(1 - v.prob)
     assert oracle.score(["x", "x"], [a, b])[0] > 0 > oracle.score(["x", "x"], [a, b])[1]
 
@@ -63,8 +65,8 @@ def test_panel_weights_decide_a_split_vote_and_are_validated():
     from nashray.cluster.config import ConfigError, parse_config
     a, b = "Great, wonderful, lovely!", "ok"
     members = [{"kind": "sentiment"}, {"kind": "rule", "rule": "concise_answer", "options": {"min_chars": 1}}]
-    even = build_oracle({"kind": "ensemble", "combine": "majority", "members": members})
-    heavy = build_oracle({"kind": "ensemble", "combine": "majority", "members": members, "weights": [2.0, 1.0]})
+    even = build_oracle(EnsembleOracleConfig(kind="ensemble", combine="majority", members=members))
+    heavy = build_oracle(EnsembleOracleConfig(kind="ensemble", combine="majority", members=members, weights=[2.0, 1.0]))
     assert even.compare([Comparison("x", a, b)])[0].prob == 0.5
     assert heavy.compare([Comparison("x", a, b)])[0].prob == 1.0
     assert even.oracle_id != heavy.oracle_id  # the cache never mixes their verdicts
@@ -90,9 +92,9 @@ def test_readable_rule_prefers_the_easier_text_whatever_its_length():
 
 def test_sentiment_brevity_and_readability_vote_a_condorcet_cycle():
     """The benchmark's panel (bench/algorithms.py): three transitive members, a cyclic majority."""
-    panel = build_oracle({"kind": "ensemble", "combine": "majority", "members": [
+    panel = build_oracle(parse_oracle_config({"kind": "ensemble", "combine": "majority", "members": [
         {"kind": "sentiment", "prefer": "positive"}, {"kind": "rule", "rule": "concise_answer"},
-        {"kind": "rule", "rule": "readable"}]})
+        {"kind": "rule", "rule": "readable"}]}))
     short_dense = "Regrettably, comprehensive documentation remains unavailable."            # short, hard, negative
     long_plain_neutral = "You can do it. Go to the shop. Get some milk. Then go back home and rest a bit."
     mid_happy_hard = "Wonderful, extraordinarily magnificent organizational methodologies."  # positive, hardest
@@ -104,8 +106,8 @@ def test_sentiment_brevity_and_readability_vote_a_condorcet_cycle():
 
 def test_a_panel_member_that_fails_to_load_is_named():
     with pytest.raises(ValueError, match=r"ensemble member 1 \(llm_judge\) could not be built"):
-        build_oracle({"kind": "ensemble", "members": [
-            {"kind": "sentiment"}, {"kind": "llm_judge", "model": "/nonexistent/judge-model"}]})
+        build_oracle(parse_oracle_config({"kind": "ensemble", "members": [
+            {"kind": "sentiment"}, {"kind": "llm_judge", "model": "/nonexistent/judge-model"}]}))
 
 
 def test_cyclic_rule_features_and_their_game():
@@ -196,7 +198,7 @@ def test_tiny_llm_campaign_under_a_panel_judge_records_votes_cycles_and_agreemen
                                   schedule={"rounds": 2, "prompts_per_round": 4, "samples_per_prompt": 4}))
     metrics = run.metrics()
     assert [m["round"] for m in metrics] == [0, 1]
-    oracle = build_oracle(PANEL)
+    oracle = build_oracle(parse_oracle_config(PANEL))
     for t, m in enumerate(metrics):
         samples = {s["prompt_id"]: s for s in read_table(run.round_dir(t) / "samples.parquet")}
         rows = read_table(run.round_dir(t) / "judgements.parquet")

@@ -21,12 +21,12 @@ RECORD_KEYS = {"prompt_id", "prompt", "prompt_ids", "response", "response_ids", 
                "sample_index"}
 
 
-def llm_config(model_dir: str, engine: str, algorithm: dict, max_new_tokens: int = 12) -> dict:
+def llm_config(model_dir: str, engine: str, algorithm: dict, max_new_tokens: int = 12) -> CampaignConfig:
     return CampaignConfig.model_validate({
         "model": {"path": model_dir, "dtype": "float32", "max_prompt_tokens": 48},
         "algorithm": algorithm,
         "generators": {"engine": engine, "sampling": {"max_new_tokens": max_new_tokens}},
-    }).model_dump(mode="json")
+    })
 
 
 def perturb_(model, scale: float, seed: int = 0):
@@ -160,7 +160,7 @@ def test_vllm_refuses_the_mixture_and_overlong_prompts(vllm_generator):
 
 @pytest.fixture(scope="module")
 def hf_generator(tied_model_dir):
-    return GeneratorActor(llm_config(tied_model_dir, "hf", {"name": "nash_md", "mixture": 0.5}))
+    return GeneratorActor(llm_config(tied_model_dir, "hf", {"name": "nash_md", "beta": 0.5}))
 
 
 def test_hf_samples_push_and_reference(hf_generator, models, tied_model_dir):
@@ -198,7 +198,7 @@ def mixture_logprobs(policy, reference, beta: float, records) -> np.ndarray:
 def test_hf_mixture_samples_the_geometric_mixture(tied_model_dir, models):
     ref, pushed = models
     beta = 0.5
-    generator = GeneratorActor(llm_config(tied_model_dir, "hf", {"name": "nash_md", "mixture": beta},
+    generator = GeneratorActor(llm_config(tied_model_dir, "hf", {"name": "nash_md", "beta": beta},
                                           max_new_tokens=1))
     generator.apply_weights(push(pushed.state_dict(), 1), 1)
     generator.engine.batch_size = 1000  # one token per sample: wide batches are cheap
@@ -255,9 +255,9 @@ def test_tabular_samples_from_the_policy_distribution(tmp_path):
         "cycle": {"P": [[0.5, 0.9, 0.1], [0.1, 0.5, 0.9], [0.9, 0.1, 0.5]], "pi_ref": [0.6, 0.3, 0.1]},
         "order": {"P": [[0.5, 0.7, 0.8], [0.3, 0.5, 0.6], [0.2, 0.4, 0.5]], "pi_ref": [0.2, 0.3, 0.5]}}}))
     config = CampaignConfig.model_validate({
-        "algorithm": {"name": "nash_md", "mixture": 0.25},
+        "algorithm": {"name": "nash_md", "beta": 0.25},
         "generators": {"engine": "tabular"}, "data": {"game": str(game_file)},
-        "judges": {"oracle": {"kind": "matrix"}}, "learner": {"precision": "fp32"}}).model_dump(mode="json")
+        "judges": {"oracle": {"kind": "matrix"}}, "learner": {"precision": "fp32"}})
     generator = GeneratorActor(config)
     game = load_game(str(game_file))
     prompts = [{"prompt_id": f"q{i}", "prompt": name} for i, name in enumerate(game.prompts)]

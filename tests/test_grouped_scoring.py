@@ -12,7 +12,7 @@ import torch
 
 from nashray.cluster.config import CampaignConfig
 from nashray.trainers.algorithms import get_algorithm
-from nashray.trainers.learner import (RoundData, SequenceScorer, _score, pack_groups, prompt_groups, score_sequences,
+from nashray.trainers.learner import (RoundData, SequenceScorer, score_records, pack_groups, prompt_groups, score_sequences,
                               unique_sequences)
 
 K = 4
@@ -113,7 +113,7 @@ def test_grouped_micro_batch_gradient_equals_pair_by_pair(tiny_llm, algorithm_na
     data, keys, idx = round_data(records), algorithm.sequences, np.arange(len(records))
 
     counting = CountingScorer(scorer)
-    grouped = _score(counting, model, data, idx, keys, "theta")
+    grouped = score_records(counting, model, data, idx, keys, "theta")
     fixed = fixed_logprobs(grouped)
     assert counting.forwards == [2 * K + (2 if refs else 0)]  # one forward, each distinct sequence once
     grouped_loss = algorithm.loss({**grouped, **fixed}, data.tensors(idx), cfg).mean()
@@ -152,7 +152,7 @@ def test_tabular_records_share_their_one_token_sequences():
     idx, keys = np.arange(len(data)), algorithm.sequences
     assert [len(group) for group in prompt_groups(data.columns["prompt_ids"])] == [400]
 
-    grouped = _score(scorer, policy, data, idx, keys, "theta")
+    grouped = score_records(scorer, policy, data, idx, keys, "theta")
     fixed = fixed_logprobs(grouped)
     assert scorer.forwards == [game.n_actions]
     grouped_grad = gradients(policy, algorithm.loss({**grouped, **fixed}, data.tensors(idx), cfg).mean())

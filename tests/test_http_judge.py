@@ -15,6 +15,7 @@ import pytest
 
 from nashray.oracles import build_oracle
 from nashray.oracles.base import Comparison
+from nashray.oracles.config import parse_oracle_config
 from nashray.oracles.http_judge import HTTPJudge, chat_completions_url
 from nashray.oracles.judging import DEFAULT_TEMPLATE, parse_judging_message
 
@@ -178,9 +179,9 @@ def test_api_key_is_sent_but_never_logged_kept_or_written(server, monkeypatch, c
     monkeypatch.setenv(KEY_ENV, SECRET)
     caplog.set_level(logging.DEBUG)
     cfg = {"kind": "http", "url": server.url("shorter"), "api_key_env": KEY_ENV, "retries": 1, "backoff_s": 0.01}
-    judge = build_oracle(cfg, run_dir=tmp_path)            # cached: verdicts are written under tmp_path
+    judge = build_oracle(parse_oracle_config(cfg), run_dir=tmp_path)  # cached: verdicts are written under tmp_path
     assert all(v.prob is not None for v in judge.compare(CASES))
-    failing = build_oracle(dict(cfg, url=server.url("error500")), run_dir=tmp_path)
+    failing = build_oracle(parse_oracle_config(dict(cfg, url=server.url("error500"))), run_dir=tmp_path)
     dropped = failing.compare(CASES)
     assert all(r["auth"] == f"Bearer {SECRET}" for r in server.requests)
     assert all(v.prob is None and "[redacted]" in v.reason for v in dropped)   # the server echoed it back

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nashray.actors.judge import JudgeActor
+from nashray.oracles.config import ModelOracleConfig, parse_oracle_config
 
 pytestmark = pytest.mark.ray
 
@@ -27,8 +28,8 @@ def start_judge(ray_cluster):
     ray, started = ray_cluster, []
 
     def start(cfg: dict, cache_dir, retries: int = 2, game_spec: str | None = None):
-        actor = ray.remote(JudgeActor).options(num_cpus=0.25).remote(
-            cfg, str(cache_dir) if cache_dir else None, retries, game_spec)
+        actor = ray.remote(JudgeActor).options(num_cpus=0.25).remote(  # a validated model, as the driver passes
+            parse_oracle_config(cfg), str(cache_dir) if cache_dir else None, retries, game_spec)
         started.append(actor)
         info = ray.get(actor.ready.remote())
         assert info["node_id"] == ray.get_runtime_context().get_node_id() and info["pid"] > 0
@@ -150,7 +151,7 @@ def test_a_crashing_oracle_drops_the_attempt_instead_of_raising():
             Crashing.attempts += 1
             raise RuntimeError("CUDA out of memory")
 
-    judge = JudgeActor(RULE, None, retries=1)
+    judge = JudgeActor(parse_oracle_config(RULE), None, retries=1)
     judge.oracle = Crashing()
     rows = judge.judge(comparisons(2))
     assert all(r["prob"] is None and r["reason"] == "oracle raised RuntimeError: CUDA out of memory" for r in rows)
@@ -160,17 +161,17 @@ def test_a_crashing_oracle_drops_the_attempt_instead_of_raising():
 def test_scores_come_from_oracles_that_score(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
-    from nashray.models import build_tiny_model
+    from tests.helpers import build_tiny_model
     folder = build_tiny_model(tmp_path / "tiny")
     config = LlamaConfig.from_pretrained(folder)
     config.num_labels = 1
     torch.manual_seed(3)
     LlamaForSequenceClassification(config).save_pretrained(folder)   # same tokenizer, a scalar head instead
     items = [{"prompt": "Say hi.", "response": "hi"}, {"prompt": "Say hi.", "response": "hello there"}]
-    reward_judge = JudgeActor({"kind": "reward_model", "model": str(folder)}, None)
+    reward_judge = JudgeActor(ModelOracleConfig(kind="reward_model", model=str(folder)), None)
     scored = reward_judge.score(items)
     assert all(isinstance(r["score"], float) and r["reason"] is None for r in scored)
     assert scored[0]["score"] != scored[1]["score"] and reward_judge.calls() == 2
-    rule_judge = JudgeActor(RULE, None)
+    rule_judge = JudgeActor(parse_oracle_config(RULE), None)
     assert all(r["score"] is None and "does not score single responses" in r["reason"]
                for r in rule_judge.score(items))

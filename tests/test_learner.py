@@ -30,7 +30,7 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
 
     from nashray.cluster.config import parse_config
     from nashray.layout import CHECKPOINT_DONE
-    from nashray.trainers.learner import Learner
+    from nashray.trainers.learner import Learner, Probe, RoundResult
     from nashray.trainers.logprobs import causal_lm_sequence_logprobs
     from nashray.models import load_tokenizer
     from nashray.weights import push_state_dict
@@ -53,26 +53,29 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
             return float((causal_lm_sequence_logprobs(model, prompts, chosen, tokenizer.pad_token_id)
                           - causal_lm_sequence_logprobs(model, prompts, rejected, tokenizer.pad_token_id)).mean())
 
-    learner = Learner(cfg.model_dump(mode="json"), tmp_path)
+    learner = Learner(cfg, tmp_path)
     try:
         results = []
         for t in range(2):  # the same DeepSpeed engine serves both rounds
             ds = ray.data.from_items(rows)
             results.append(learner.train_round(t, ds.split(2, equal=True), tmp_path / f"ckpt-{t}", t + 1))
-        pushed = push_state_dict(results[1]["weights"])  # its owner, a learner worker, ends at shutdown
+        pushed = push_state_dict(results[1].weights)  # its owner, a learner worker, ends at shutdown
     finally:
         learner.shutdown()
 
     for t, result in enumerate(results):
-        assert result["round"] == t and result["rows"] == 16 and result["steps"] == 3 * 2
-        assert torch.isfinite(torch.tensor(result["loss"]))
-        assert (tmp_path / f"ckpt-{t}" / CHECKPOINT_DONE).is_file()
-        assert json.loads((tmp_path / f"ckpt-{t}" / CHECKPOINT_DONE).read_text())["metrics"]["loss"] == result["loss"]
-    assert results[1]["loss"] < results[0]["loss"]  # persistent optimizer state: round 2 continues round 1
+        assert isinstance(result, RoundResult) and isinstance(result.probe, Probe)
+        metrics = result.metrics
+        assert metrics["rows"] == 16 and metrics["steps"] == 3 * 2
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+        marker = json.loads((tmp_path / f"ckpt-{t}" / CHECKPOINT_DONE).read_text())
+        assert marker["round"] == t and marker["metrics"]["loss"] == metrics["loss"]
+        assert len(result.probe.logprobs) == len(result.probe.prompt_ids) == 2
+    assert results[1].metrics["loss"] < results[0].metrics["loss"]  # persistent optimizer state: round 2 continues round 1
 
     # The checkpoint is an HF folder; the pushed weights are exactly the checkpoint's.
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt-1", dtype=torch.float32)
-    assert results[1]["weights"].version == 2
+    assert results[1].weights.version == 2
     for name, tensor in trained.state_dict().items():
         torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=0)
     assert margin(trained) > margin(base) + 1.0  # DPO moved probability towards the chosen answers

@@ -14,10 +14,11 @@ def adapted(tiny_model_dir):
     """The tiny model with adapters whose B is random (fresh adapters compute nothing), and its base copy."""
     import torch
 
+    from nashray.cluster.config import LoraConfig
     from nashray.trainers.lora import add_adapters
     from nashray.models import load_causal_lm
     base = load_causal_lm(tiny_model_dir, "float32", False)
-    model = add_adapters(copy.deepcopy(base), LORA)
+    model = add_adapters(copy.deepcopy(base), LoraConfig(**LORA))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -85,11 +85,11 @@ def test_sppo_matches_formula(rng):
 def test_dno_regression_matches_formula(rng):
     a, b, ta, tb = (_logprobs(rng) for _ in range(4))
     ra, rb = rng.uniform(size=B), rng.uniform(size=B)
-    eta = 0.7
+    beta = 0.7
     q = _sigmoid(ra - rb)
-    z = eta * ((a - ta) - (b - tb))
+    z = beta * ((a - ta) - (b - tb))
     expected = q * _neg_log_sigmoid(z) + (1 - q) * _neg_log_sigmoid(-z)
-    got = losses.dno_regression_loss(_t(a), _t(b), _t(ta), _t(tb), _t(ra), _t(rb), eta)
+    got = losses.dno_regression_loss(_t(a), _t(b), _t(ta), _t(tb), _t(ra), _t(rb), beta=beta)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6, rtol=0)
 
 
@@ -136,7 +136,7 @@ def test_nash_md_clipped_matches_formula_and_its_gradient_stops_outside_the_clip
     advantage = (pref - 0.5) - tau * (y - ref) - kappa * (y - t)
     expected = -np.minimum(ratio * advantage, np.clip(ratio, 1 - eps, 1 + eps) * advantage)
     logp = _t(y).requires_grad_()
-    got = losses.nash_md_clipped_loss(logp, _t(t), _t(ref), _t(pref), tau, beta, eps)
+    got = losses.nash_md_clipped_loss(logp, _t(t), _t(ref), _t(pref), tau=tau, beta=beta, clip_ratio=eps)
     np.testing.assert_allclose(got.detach().numpy(), expected, atol=1e-9, rtol=0)
     got.sum().backward()
     # d/dlogp with the advantage held fixed: −A·r, except where the clip bounds the objective (PPO's zero gradient:
@@ -255,11 +255,11 @@ def test_inpo_minimiser_is_the_omd_step():
     np.testing.assert_allclose(_normalise_log(_minimise(sampled, np.log(pi_t))), expected, atol=0.02)
 
 
-def test_dno_regression_minimiser_is_pi_t_exp_r_over_eta():
+def test_dno_regression_minimiser_is_pi_t_exp_r_over_beta():
     rng, P, pi_t, _ = _random_problem(1)
-    eta = 0.5
+    beta = 0.5
     r = P @ pi_t  # r_t(y) = P(y ≻ π_t)
-    expected = _normalise_log(np.log(pi_t) + r / eta)
+    expected = _normalise_log(np.log(pi_t) + r / beta)
     lt = torch.tensor(np.log(pi_t))
     a, b = _all_pairs(A)
     weight = torch.tensor(pi_t[a] * pi_t[b])
@@ -267,7 +267,7 @@ def test_dno_regression_minimiser_is_pi_t_exp_r_over_eta():
 
     def exact(logits):
         lp = torch.log_softmax(logits, -1)
-        return (weight * losses.dno_regression_loss(lp[a], lp[b], lt[a], lt[b], ra, rb, eta)).sum()
+        return (weight * losses.dno_regression_loss(lp[a], lp[b], lt[a], lt[b], ra, rb, beta)).sum()
 
     np.testing.assert_allclose(_normalise_log(_minimise(exact, np.log(pi_t))), expected, atol=1e-4)
 
@@ -281,7 +281,7 @@ def test_dno_regression_minimiser_is_pi_t_exp_r_over_eta():
 
     def sampled(logits):
         lp = torch.log_softmax(logits, -1)
-        return losses.dno_regression_loss(lp[sa_t], lp[sb_t], lt[sa_t], lt[sb_t], rha, rhb, eta).mean()
+        return losses.dno_regression_loss(lp[sa_t], lp[sb_t], lt[sa_t], lt[sb_t], rha, rhb, beta).mean()
 
     np.testing.assert_allclose(_normalise_log(_minimise(sampled, np.log(pi_t))), expected, atol=0.03)
 
@@ -357,13 +357,13 @@ def test_ipo_minimiser_regresses_onto_the_preference_against_pi_t():
 def test_nash_md_expected_gradient_is_the_regularised_objective_gradient():
     """E_{y~π_θ, y'~π_mix}[∇ surrogate] = −∇[P(π_θ ≻ π_mix) − τ·KL(π_θ‖π_ref)] with the mixture held fixed."""
     _, P, pi, pi_ref = _random_problem(5)
-    tau, mixture = 0.1, 0.125
+    tau, beta = 0.1, 0.125
     logits = torch.tensor(np.log(pi) + 0.3, requires_grad=True)
     lr = torch.tensor(np.log(pi_ref))
     Pt = torch.tensor(P)
 
     lp = torch.log_softmax(logits, -1)
-    mix = torch.softmax((1 - mixture) * lp + mixture * lr, -1).detach()
+    mix = torch.softmax((1 - beta) * lp + beta * lr, -1).detach()
     actions = torch.arange(A)
     # the surrogate is linear in the preference, so averaging over y' is the preference P(y ≻ π_mix)
     surrogate = (lp.exp().detach() * losses.nash_md_loss(lp[actions], lr[actions], Pt @ mix, tau)).sum()
@@ -376,25 +376,25 @@ def test_nash_md_expected_gradient_is_the_regularised_objective_gradient():
     assert objective_grad.abs().max() > 1e-3
 
 
-def _nash_md_population_surrogate(logits, log_t, lr, P, tau, mixture, clip):
+def _nash_md_population_surrogate(logits, log_t, lr, P, tau, beta, clip_ratio):
     """E_{y~π_t, y'~π_mix}[nash_md_clipped_loss]: exact weights π_t(y), preference P(y ≻ π_mix) (the loss is linear
     in it), the mixture of π_t held fixed."""
-    mix = torch.softmax((1 - mixture) * log_t + mixture * lr, -1)
+    mix = torch.softmax((1 - beta) * log_t + beta * lr, -1)
     lp = torch.log_softmax(logits, -1)
-    return (log_t.exp() * losses.nash_md_clipped_loss(lp, log_t, lr, P @ mix, tau, mixture, clip)).sum()
+    return (log_t.exp() * losses.nash_md_clipped_loss(lp, log_t, lr, P @ mix, tau, beta, clip_ratio)).sum()
 
 
 def test_nash_md_clipped_expected_gradient_is_the_proximal_objective_gradient():
     """Inside the clip range: E_{y~π_t}[∇ loss] = −∇[P(π_θ ≻ π_mix) − τ·KL(π_θ‖π_ref) − κ·KL(π_θ‖π_t)] at θ ≠ π_t."""
     rng, P, pi_t, pi_ref = _random_problem(6)
-    tau, mixture = 0.1, 0.125
-    kappa = (1 - mixture) * tau / mixture
+    tau, beta = 0.1, 0.125
+    kappa = (1 - beta) * tau / beta
     log_t, lr, Pt = torch.tensor(np.log(pi_t)), torch.tensor(np.log(pi_ref)), torch.tensor(P)
     logits = (log_t + torch.tensor(rng.uniform(-0.05, 0.05, size=A))).requires_grad_()
     (surrogate_grad,) = torch.autograd.grad(
-        _nash_md_population_surrogate(logits, log_t, lr, Pt, tau, mixture, 0.2), logits)
+        _nash_md_population_surrogate(logits, log_t, lr, Pt, tau, beta, 0.2), logits)
 
-    mix = torch.softmax((1 - mixture) * log_t + mixture * lr, -1)
+    mix = torch.softmax((1 - beta) * log_t + beta * lr, -1)
     lp = torch.log_softmax(logits, -1)
     objective = (lp.exp() @ Pt @ mix - tau * (lp.exp() * (lp - lr)).sum()
                  - kappa * (lp.exp() * (lp - log_t)).sum())
@@ -408,12 +408,12 @@ def test_nash_md_clipped_many_steps_reach_the_mirror_descent_step():
     η = β/τ, when it lies inside the clip range; without the κ term they would go on to the regularised best response
     π_ref·exp(P π_mix/τ), far outside it."""
     rng, P, pi_t, _ = _random_problem(7)
-    tau, mixture, clip = 0.1, 0.125, 0.2
+    tau, beta, clip_ratio = 0.1, 0.125, 0.2
     pi_ref = _normalise_log(np.log(pi_t) + rng.uniform(-0.5, 0.5, size=A))  # keeps the step within 1 ± ε of π_t
     log_t, lr, Pt = torch.tensor(np.log(pi_t)), torch.tensor(np.log(pi_ref)), torch.tensor(P)
-    mix = _normalise_log((1 - mixture) * np.log(pi_t) + mixture * np.log(pi_ref))
-    step = _normalise_log((1 - mixture) * np.log(pi_t) + mixture * np.log(pi_ref) + mixture / tau * P @ mix)
-    assert np.all(np.abs(step / pi_t - 1) < clip - 0.05)
+    mix = _normalise_log((1 - beta) * np.log(pi_t) + beta * np.log(pi_ref))
+    step = _normalise_log((1 - beta) * np.log(pi_t) + beta * np.log(pi_ref) + beta / tau * P @ mix)
+    assert np.all(np.abs(step / pi_t - 1) < clip_ratio - 0.05)
     best_response = _normalise_log(np.log(pi_ref) + P @ mix / tau)
     assert np.abs(best_response / pi_t - 1).max() > 1
 
@@ -421,6 +421,6 @@ def test_nash_md_clipped_many_steps_reach_the_mirror_descent_step():
     optimizer = torch.optim.SGD([logits], lr=2.0)
     for _ in range(200):
         optimizer.zero_grad()
-        _nash_md_population_surrogate(logits, log_t, lr, Pt, tau, mixture, clip).backward()
+        _nash_md_population_surrogate(logits, log_t, lr, Pt, tau, beta, clip_ratio).backward()
         optimizer.step()
     np.testing.assert_allclose(torch.softmax(logits, -1).detach().numpy(), step, atol=1e-10)

@@ -10,6 +10,7 @@ import pytest
 from nashray.oracles import build_oracle, is_deterministic
 from nashray.oracles.base import Comparison, PreferenceOracle, Verdict
 from nashray.oracles.cache import VerdictCache
+from nashray.oracles.config import MatrixOracleConfig, ModelOracleConfig, RuleOracleConfig, parse_oracle_config
 from nashray.oracles.ensemble import EnsembleOracle
 from nashray.oracles.judging import (DEFAULT_TEMPLATE, check_template, judging_messages, parse_judging_message,
                              parse_verdict_text)
@@ -101,9 +102,9 @@ def test_ensemble_mean_majority_and_drops():
     both_drop = EnsembleOracle([arithmetic, build_rule("arithmetic", {"match": "last"})])
     verdict = both_drop.compare([Comparison("Hi", "a", "b")])[0]
     assert verdict.prob is None and verdict.reason.count("not a 'What is") == 2
-    built = build_oracle({"kind": "ensemble", "combine": "majority",
-                          "members": [{"kind": "rule", "rule": "arithmetic"},
-                                      {"kind": "rule", "rule": "concise_answer"}]})
+    built = build_oracle(parse_oracle_config({"kind": "ensemble", "combine": "majority",
+                                              "members": [{"kind": "rule", "rule": "arithmetic"},
+                                                          {"kind": "rule", "rule": "concise_answer"}]}))
     assert isinstance(built, EnsembleOracle) and len(built.members) == 2
 
 
@@ -145,10 +146,10 @@ def test_build_oracle_with_run_dir_never_pays_twice(tmp_path):
     assert [v.prob for v in cached.compare(cs)] == [1.0, 0.0]
     assert [v.prob for v in CachedOracle(counting, tmp_path / "judge-cache").compare(cs)] == [1.0, 0.0]
     assert counting.asked == 2
-    assert isinstance(build_oracle({"kind": "rule", "rule": "arithmetic"}, run_dir=tmp_path), CachedOracle)
-    assert is_deterministic({"kind": "matrix", "sample": False})
-    assert not is_deterministic({"kind": "ensemble", "members": [{"kind": "matrix"},
-                                                                {"kind": "rule", "rule": "cyclic"}]})
+    assert isinstance(build_oracle(RuleOracleConfig(kind="rule", rule="arithmetic"), run_dir=tmp_path), CachedOracle)
+    assert is_deterministic(MatrixOracleConfig(kind="matrix", sample=False))
+    assert not is_deterministic(parse_oracle_config({"kind": "ensemble", "members": [
+        {"kind": "matrix"}, {"kind": "rule", "rule": "cyclic"}]}))
 
 
 # ----------------------------------------------------------------------------- reward and pairwise models
@@ -158,7 +159,7 @@ TRIPLES = [("What is 2+2?", "4", "five"), ("Say hello.", "hello world", "the qui
 
 
 def test_reward_model_is_bradley_terry_on_its_scores(tiny_classifier_dir):
-    rm = build_oracle({"kind": "reward_model", "model": tiny_classifier_dir})
+    rm = build_oracle(ModelOracleConfig(kind="reward_model", model=tiny_classifier_dir))
     cs = [Comparison(*t) for t in TRIPLES]
     scores_a = rm.score([c.prompt for c in cs], [c.a for c in cs])
     scores_b = rm.score([c.prompt for c in cs], [c.b for c in cs])
@@ -167,42 +168,45 @@ def test_reward_model_is_bradley_terry_on_its_scores(tiny_classifier_dir):
         assert verdict.prob == pytest.approx(1 / (1 + math.exp(rb - ra)), abs=1e-6)
     swapped = rm.compare([Comparison(c.prompt, c.b, c.a) for c in cs])
     assert all(v.prob + w.prob == pytest.approx(1.0) for v, w in zip(rm.compare(cs), swapped))
-    one_at_a_time = build_oracle({"kind": "reward_model", "model": tiny_classifier_dir, "batch_size": 1})
+    one_at_a_time = build_oracle(ModelOracleConfig(kind="reward_model", model=tiny_classifier_dir, batch_size=1))
     assert one_at_a_time.score([c.prompt for c in cs], [c.a for c in cs]) == pytest.approx(scores_a, abs=1e-5)
 
 
 def test_pairwise_model_debiases_a_joint_classifier(tiny_classifier_dir):
-    raw = build_oracle({"kind": "pairwise_model", "model": tiny_classifier_dir, "both_orders": False})
+    raw = build_oracle(ModelOracleConfig(kind="pairwise_model", model=tiny_classifier_dir, both_orders=False))
     cs = [Comparison(*t) for t in TRIPLES]
     swapped = [Comparison(c.prompt, c.b, c.a) for c in cs]
     raw_sums = [v.prob + w.prob for v, w in zip(raw.compare(cs), raw.compare(swapped))]
     assert max(abs(s - 1.0) for s in raw_sums) > 1e-3, "an untrained joint classifier is not antisymmetric"
-    pairwise = build_oracle({"kind": "pairwise_model", "model": tiny_classifier_dir})
+    pairwise = build_oracle(ModelOracleConfig(kind="pairwise_model", model=tiny_classifier_dir))
     forward, backward = pairwise.compare(cs), pairwise.compare(swapped)
     assert all(v.prob + w.prob == pytest.approx(1.0, abs=1e-12) for v, w in zip(forward, backward))
-    batched_one = build_oracle({"kind": "pairwise_model", "model": tiny_classifier_dir, "batch_size": 1})
+    batched_one = build_oracle(ModelOracleConfig(kind="pairwise_model", model=tiny_classifier_dir, batch_size=1))
     assert [v.prob for v in batched_one.compare(cs)] == pytest.approx([v.prob for v in forward], abs=1e-5)
 
 
 def test_model_oracle_config_errors(tiny_model_dir):
-    with pytest.raises(ValueError, match="engine 'vllm' serves kind 'llm_judge' only"):
-        build_oracle({"kind": "reward_model", "model": tiny_model_dir, "engine": "vllm"})
-    with pytest.raises(ValueError, match=r"unknown \['c'\]"):
-        build_oracle({"kind": "llm_judge", "model": tiny_model_dir, "template": "{prompt}{a}{b}{c}"})
+    with pytest.raises(ValueError, match="invalid oracle config: reward_model: .*engine 'vllm' serves kind "
+                                         "'llm_judge' only"):
+        parse_oracle_config({"kind": "reward_model", "model": tiny_model_dir, "engine": "vllm"})
+    with pytest.raises(ValueError, match=r"invalid oracle config: llm_judge.template: .*unknown \['c'\]"):
+        parse_oracle_config({"kind": "llm_judge", "model": tiny_model_dir, "template": "{prompt}{a}{b}{c}"})
+    with pytest.raises(ValueError, match="engine 'vllm' serves kind 'llm_judge' only"):  # the models themselves
+        ModelOracleConfig(kind="reward_model", model=tiny_model_dir, engine="vllm")
 
 
 # --------------------------------------------------------------------------------------------- LLM judge
 
 def test_llm_judge_on_tiny_model_is_symmetric_and_batch_invariant(tiny_model_dir):
-    judge = build_oracle({"kind": "llm_judge", "model": tiny_model_dir})
+    judge = build_oracle(ModelOracleConfig(kind="llm_judge", model=tiny_model_dir))
     cs = [Comparison(*t) for t in TRIPLES]
     forward = judge.compare(cs)
     backward = judge.compare([Comparison(c.prompt, c.b, c.a) for c in cs])
     assert all(0.0 < v.prob < 1.0 for v in forward)
     assert all(v.prob + w.prob == pytest.approx(1.0, abs=1e-12) for v, w in zip(forward, backward))
-    one_by_one = build_oracle({"kind": "llm_judge", "model": tiny_model_dir, "batch_size": 1})
+    one_by_one = build_oracle(ModelOracleConfig(kind="llm_judge", model=tiny_model_dir, batch_size=1))
     assert [v.prob for v in one_by_one.compare(cs)] == pytest.approx([v.prob for v in forward], abs=1e-6)
-    short = build_oracle({"kind": "llm_judge", "model": tiny_model_dir, "max_length": 40})
+    short = build_oracle(ModelOracleConfig(kind="llm_judge", model=tiny_model_dir, max_length=40))
     dropped = short.compare(cs[:1])[0]
     assert dropped.prob is None and "over the judge's max_length 40" in dropped.reason
 
@@ -237,10 +241,10 @@ def position_biased_judge_dir(tiny_model_dir, tmp_path_factory) -> str:
 def test_debiasing_turns_an_always_A_judge_into_a_symmetric_one(position_biased_judge_dir):
     cs = [Comparison(*t) for t in TRIPLES]
     swapped = [Comparison(c.prompt, c.b, c.a) for c in cs]
-    single = build_oracle({"kind": "llm_judge", "model": position_biased_judge_dir, "both_orders": False})
+    single = build_oracle(ModelOracleConfig(kind="llm_judge", model=position_biased_judge_dir, both_orders=False))
     # one order: a ≻ b and b ≻ a are both near certain — pure position bias
     assert all(v.prob > 0.999 for v in single.compare(cs) + single.compare(swapped))
-    debiased = build_oracle({"kind": "llm_judge", "model": position_biased_judge_dir})
+    debiased = build_oracle(ModelOracleConfig(kind="llm_judge", model=position_biased_judge_dir))
     assert [v.prob for v in debiased.compare(cs) + debiased.compare(swapped)] == pytest.approx([0.5] * 8,
                                                                                                abs=1e-9)
 
@@ -268,7 +272,7 @@ def test_llm_judge_vllm_engine_matches_transformers(tiny_model_dir):
     """Last in the file: an in-process vLLM engine lowers this process's torch threads to 1."""
     pytest.importorskip("vllm")
     cs = [Comparison(*t) for t in TRIPLES]
-    hf = build_oracle({"kind": "llm_judge", "model": tiny_model_dir, "both_orders": False})
-    vllm = build_oracle({"kind": "llm_judge", "model": tiny_model_dir, "engine": "vllm", "max_length": 512,
-                         "both_orders": False})
+    hf = build_oracle(ModelOracleConfig(kind="llm_judge", model=tiny_model_dir, both_orders=False))
+    vllm = build_oracle(ModelOracleConfig(kind="llm_judge", model=tiny_model_dir, engine="vllm", max_length=512,
+                                          both_orders=False))
     assert [v.prob for v in vllm.compare(cs)] == pytest.approx([v.prob for v in hf.compare(cs)], abs=1e-4)

@@ -44,7 +44,7 @@ def test_builtin_instructions_are_many_short_distinct_and_half_open_ended():
 def test_builtin_instructions_ship_with_the_package():
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     relative = INSTRUCTIONS_FILE.relative_to(ROOT / "cluster").as_posix()
-    assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data["cluster"])
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in package_data["nashray.cluster"])
 
 
 def test_builtin_instructions_fit_well_under_60_tokens_of_smollm2(smollm2_dir):
@@ -219,7 +219,7 @@ def test_a_chat_prompt_is_encoded_with_the_models_chat_template(tiny_model_dir):
     config = parse_config({"model": {"path": tiny_model_dir, "dtype": "float32", "max_prompt_tokens": 128},
                            "generators": {"engine": "hf", "sampling": {"max_new_tokens": 4}}})
     chat = Prompt("chat", "Another one?", json.dumps(CHAT))
-    records = GeneratorActor(config.model_dump(mode="json")).generate([chat.as_dict()], 2, seed=0)
+    records = GeneratorActor(config).generate([chat.as_dict()], 2, seed=0)
     assert [r["prompt_ids"] for r in records] == [expected, expected]
     assert all((r["prompt"], r["messages"]) == ("Another one?", chat.messages) for r in records)
 

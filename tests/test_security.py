@@ -224,7 +224,8 @@ def test_served_judge_and_local_cluster_listen_on_loopback_by_default(ray_cluste
 
     from ray import serve
 
-    from nashray.cluster.config import JudgeServeConfig, RuleOracleConfig
+    from nashray.cluster.config import JudgeServeConfig
+    from nashray.oracles.config import RuleOracleConfig
     from nashray.oracles.serve import serve_judge
 
     with socket.socket() as s:
@@ -265,26 +266,26 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from nashray.trainers.checkpoints import CheckpointError, load_deepspeed_state
 from nashray.cluster.config import parse_config
-from nashray.trainers.learner import _gathered_state_dict, _save_checkpoint, build_optimizer, build_policy, deepspeed_config
+from nashray.trainers.learner import Probe, build_optimizer, build_policy, deepspeed_config, gathered_state_dict, save_checkpoint
 sys.path.insert(0, {tests!r})
 from test_security import Payload
 
 checkpoint, marker = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = parse_config(json.loads(sys.argv[3])).model_dump(mode="json")
+cfg = parse_config(json.loads(sys.argv[3]))
 dist.init_process_group("gloo")
 
 def engine():
     policy, _, _, tokenizer = build_policy(cfg)
-    optimizer = build_optimizer(policy.parameters(), cfg["learner"]["optimizer"])
-    engine = deepspeed.initialize(model=policy, optimizer=optimizer, config=deepspeed_config(cfg["learner"], 1))[0]
+    optimizer = build_optimizer(policy.parameters(), cfg.learner.optimizer)
+    engine = deepspeed.initialize(model=policy, optimizer=optimizer, config=deepspeed_config(cfg.learner, 1))[0]
     return engine, tokenizer
 
 trained, tokenizer = engine()   # one step, then the learner's own checkpoint writer
 ids = torch.randint(0, 100, (2, 8))
 trained.backward(trained(input_ids=ids, labels=ids).loss)
 trained.step()
-_save_checkpoint(trained, _gathered_state_dict(trained, cfg["learner"]["zero_stage"]), tokenizer, checkpoint, 0,
-                 {{"round": 0}})
+save_checkpoint(trained, gathered_state_dict(trained, cfg.learner.zero_stage), tokenizer, checkpoint, 0, 0, {{}},
+                Probe([], [], []))
 
 resumed, _ = engine()
 load_deepspeed_state(resumed, checkpoint)

@@ -134,3 +134,69 @@ def test_a_message_outside_the_template_is_a_422_for_a_reward_model(served):
     dropped = HTTPJudge(urls["rm"], template="Q: {prompt}\n1) {a}\n2) {b}", retries=0).compare(CASES[:1])[0]
     assert dropped.prob is None and "HTTP 422" in dropped.reason and "does not follow the judging template" in \
         dropped.reason
+
+
+# ------------------------------------------------------------------------------------- `nashray serve-judge`
+
+def _campaign(tmp_path, **sections) -> str:
+    import yaml
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+def test_serve_judge_help_names_the_section_it_deploys():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "nashray.cli", "serve-judge", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: nashray serve-judge" in done.stdout and "--detach" in done.stdout and "--set" in done.stdout
+    assert "judges.serve" in done.stdout
+
+
+@pytest.mark.parametrize("case", ["unservable oracle", "typo in judges.serve", "missing judge model", "detach locally"])
+def test_serve_judge_names_what_makes_the_config_unusable(tmp_path, capsys, monkeypatch, case):
+    """Each mistake is named with its field (or flag), without a traceback, before Ray or Serve is started."""
+    from nashray.cluster.cli import main
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    argv = []
+    if case == "unservable oracle":
+        config = _campaign(tmp_path, judges={"oracle": {"kind": "http", "url": "http://127.0.0.1:9/v1"}})
+        named = ("judges.oracle: oracle kind 'http' cannot be served: serving an HTTP judge would only proxy another "
+                 "endpoint; serve-judge deploys judges.oracle per judges.serve: set it to the oracle to serve")
+    elif case == "typo in judges.serve":
+        config = _campaign(tmp_path, judges={"serve": {"prot": 8001}})
+        named = "judges.serve.prot"
+    elif case == "missing judge model":
+        config = _campaign(tmp_path, judges={"oracle": {"kind": "reward_model", "model": str(tmp_path / "no-rm")}})
+        named = f"judges.oracle.model: no model folder at {tmp_path / 'no-rm'}"
+    else:
+        config, argv = _campaign(tmp_path), ["--detach"]
+        named = "--detach needs a running Ray cluster to leave the judge on: set cluster.address (or RAY_ADDRESS)"
+    assert main(["serve-judge", config, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nashray serve-judge: ") and named in err and "Traceback" not in err, err
+
+
+def test_serve_judge_deploys_judges_oracle_per_judges_serve(served, tmp_path, capsys):
+    """`nashray serve-judge CONFIG --detach` on the running cluster: the campaign's rule judge, on the proxy the
+    module's judges already use, named and routed by judges.serve."""
+    import ray
+    from ray import serve
+    urls, _ = served
+    port = int(urls["llm"].split(":")[2].split("/")[0])
+    config = _campaign(tmp_path, judges={"oracle": {"kind": "rule", "rule": "concise_answer"},
+                                         "serve": {"name": "cli-judge", "port": port, "route_prefix": "/cli",
+                                                   "resources": {"num_cpus": 0.25}}})
+    from nashray.cluster.cli import main
+    address = ray.get_runtime_context().gcs_address
+    try:
+        assert main(["serve-judge", config, "--detach", "--set", f"cluster.address={address}"]) == 0
+        url = f"http://127.0.0.1:{port}/cli/v1"
+        assert capsys.readouterr().out.strip() == f"judge 'cli-judge' (rule) serving at {url}"
+        assert serve.status().applications["cli-judge"].status == "RUNNING"
+        verdict = HTTPJudge(url).compare([Comparison("Say hi.", "hi", "a much longer answer than needed")])[0]
+        assert verdict.prob is not None and verdict.prob > 0.5  # the concise answer wins
+    finally:
+        serve.delete("cli-judge")

@@ -15,8 +15,9 @@ import torch
 from nashray.cluster.config import DNO, INPO, SPPO, XPO, IterativeDPO, NashMD, OnlineDPO, OnlineIPO
 from nashray.oracles.base import Comparison
 from nashray.oracles.games import (Game, MatrixOracle, exploitability, game_to_json, load_game, nash_equilibrium,
-                           regularized_exploitability, regularized_nash, save_game, win_rate)
-from nashray.trainers.tabular import TabularPolicy, policy_to_json, train_tabular
+                           regularized_exploitability, regularized_nash, win_rate)
+from nashray.trainers.tabular import TabularPolicy, train_tabular
+from tests.helpers import policy_to_json, save_game
 
 BUILTINS = ["builtin:rps", "builtin:random10", "builtin:bt"]
 
@@ -216,7 +217,7 @@ def test_nash_md_last_iterate_approaches_the_regularized_nash(rps):
     """Nash-MD-PG (β = 0.125, τ = 0.1), one SGD step (lr 2) a round on 2000 fresh policy-vs-mixture pairs. Its
     stationary point is π ∝ π_ref·exp(P·π_mix/τ), whose regularised exploitability is 6e-4 on rps (‖·−π*‖₁ = 0.036);
     measured over the last 30 of 150 rounds, seeds 0–2: at most 3.0e-3 and ‖π − π*‖₁ ≤ 0.092 (3e-2 at the start)."""
-    history = train_tabular(NashMD(name="nash_md", mixture=0.125, tau=0.1), rps, iterations=150,
+    history = train_tabular(NashMD(name="nash_md", beta=0.125, tau=0.1), rps, iterations=150,
                             pairs_per_iteration=2000, nash_md_lr=2.0, seed=0)
     star = regularized_nash(rps.P, rps.pi_ref, 0.1)
     assert history.regularized_exploitability[0] > 0.02

@@ -17,12 +17,12 @@ from tests.test_generator import PROMPTS, hf_logprobs, models, push, tied_model_
 BETA = 0.25  # not ½: weights swapped between the models would show
 
 
-def nash_md_config(model_dir: str, max_new_tokens: int = 12) -> dict:
+def nash_md_config(model_dir: str, max_new_tokens: int = 12) -> CampaignConfig:
     return CampaignConfig.model_validate({
         "model": {"path": model_dir, "dtype": "float32", "max_prompt_tokens": 48},
-        "algorithm": {"name": "nash_md", "mixture": BETA},
+        "algorithm": {"name": "nash_md", "beta": BETA},
         "generators": {"engine": "vllm", "sampling": {"max_new_tokens": max_new_tokens}},
-    }).model_dump(mode="json")
+    })
 
 
 def hf_mixture_logprobs(weighted_models: list[tuple[float, torch.nn.Module]], records) -> np.ndarray:

@@ -73,10 +73,10 @@ def test_bad_payloads_and_state_dicts_are_named():
 
 # ------------------------------------------------------------------------------------------ transports
 
-def _config(model_dir: str) -> dict:
+def _config(model_dir: str):
     from nashray.cluster.config import CampaignConfig
     return CampaignConfig.model_validate({
-        "model": {"path": model_dir, "dtype": "float32"}, "generators": {"engine": "hf"}}).model_dump(mode="json")
+        "model": {"path": model_dir, "dtype": "float32"}, "generators": {"engine": "hf"}})
 
 
 def _pushed_model(model_dir: str, seed: int):

@@ -220,7 +220,7 @@ def _dno(lp, batch, cfg):
     if cfg.variant == "practical":  # DPO with π_t as the reference: a KL step from the round's policy
         return losses.dpo_loss(lp["theta_a"], lp["theta_b"], lp["t_a"], lp["t_b"], cfg.beta, batch["target"])
     return losses.dno_regression_loss(lp["theta_a"], lp["theta_b"], lp["t_a"], lp["t_b"],
-                                      batch["a_score"], batch["b_score"], cfg.beta)
+                                      batch["a_score"], batch["b_score"], beta=cfg.beta)
 
 
 def _sppo(lp, batch, cfg):
@@ -240,8 +240,8 @@ def _xpo(lp, batch, cfg):
 def _nash_md(lp, batch, cfg):
     if cfg.clip_ratio is None:  # the on-policy surrogate: the config allows it one optimizer step per round only
         return losses.nash_md_loss(lp["theta_a"], lp["ref_a"], batch["target"], cfg.tau)
-    return losses.nash_md_clipped_loss(lp["theta_a"], lp["t_a"], lp["ref_a"], batch["target"], cfg.tau, cfg.mixture,
-                                       cfg.clip_ratio)
+    return losses.nash_md_clipped_loss(lp["theta_a"], lp["t_a"], lp["ref_a"], batch["target"], tau=cfg.tau,
+                                       beta=cfg.beta, clip_ratio=cfg.clip_ratio)
 
 
 _PAIR = ("a", "b")

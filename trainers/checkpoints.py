@@ -3,7 +3,7 @@ code from the files.
 
 A checkpoint (``checkpoints/round-t/``, written by :mod:`nashray.trainers.learner`) holds
 
-    COMPLETE                           JSON marker {"round", "metrics"}, written last
+    COMPLETE                           JSON marker {"round", "metrics", "probe"}, written last
     model.safetensors                  the policy's weights (or shards listed in model.safetensors.index.json)
     config.json, tokenizer files       LLM policies: a plain HF folder
     deepspeed/state/*.pt               DeepSpeed's module, optimizer and ZeRO partition state (torch.save files)
@@ -12,21 +12,29 @@ A checkpoint (``checkpoints/round-t/``, written by :mod:`nashray.trainers.learne
 belong to the campaign's model or learner layout; it reads headers and pickle opcodes only, never a tensor's data.
 
 DeepSpeed 0.19 loads its files with ``torch.load(weights_only=False)``: plain unpickling, which imports and calls
-whatever the file names, so a planted file runs code on resume. :func:`load_deepspeed_state` makes the engine read
-them with torch's weights-only unpickler instead, allowing only tensors, containers and the few plain DeepSpeed
-types it stores (:data:`DEEPSPEED_STATE_TYPES`); anything else is a :class:`CheckpointError` before it is called.
+whatever the file names, so a planted file runs code on resume. DeepSpeed has no public way to change how its
+checkpoint engine reads; :func:`load_deepspeed_state` sets torch's documented ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` while
+the engine loads, so that its ``torch.load`` calls use torch's weights-only unpickler, allowing only tensors,
+containers and the few plain DeepSpeed types it stores (:data:`DEEPSPEED_STATE_TYPES`); a file naming anything else
+is a :class:`CheckpointError`, naming the file, before anything is unpickled.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from nashray.cluster.config import CampaignConfig
 from nashray.layout import CHECKPOINT_DONE, DEEPSPEED_DIR, DEEPSPEED_TAG
+from nashray.models import resolve_model_path
 
 INDEX_FILE = "model.safetensors.index.json"
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads weights-only even when told weights_only=False
 
 # Architecture fields of config.json a checkpoint must share with the campaign's model.
 CONFIG_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
@@ -45,7 +53,6 @@ class CheckpointError(ValueError):
 
 
 def _deepspeed_types() -> list[type]:
-    import importlib
     types = []
     for dotted in DEEPSPEED_STATE_TYPES:
         module, name = dotted.rsplit(".", 1)
@@ -71,16 +78,59 @@ def load_deepspeed_file(path: str | Path, map_location: Any = None):
             raise CheckpointError(f"{path} is not a readable torch.save file: {err}") from None
 
 
-def load_deepspeed_state(engine, checkpoint: str | Path) -> None:
-    """Resume a DeepSpeed engine from ``checkpoint``'s ``deepspeed/`` folder, every file read by
-    :func:`load_deepspeed_file` (the engine's checkpoint engine is the one place DeepSpeed reads them through)."""
-    folder = Path(checkpoint) / DEEPSPEED_DIR
-    reader = engine.checkpoint_engine
-    reader.load = load_deepspeed_file  # shadows TorchCheckpointEngine.load (weights_only=False) for this call
+def _refuse_unsafe_globals(folder: Path, allowed: list[type]) -> None:
+    """Raise CheckpointError naming the first state file under ``folder`` that pickles a global the weights-only
+    unpickler refuses (read from the pickle's opcodes: nothing is unpickled)."""
+    for path in sorted(folder.rglob("*.pt")):
+        unsafe = _unsafe_globals(path, allowed)
+        if unsafe:
+            raise CheckpointError(f"{path} pickles {', '.join(sorted(unsafe))}, which is not a tensor, a container "
+                                  f"or one of DeepSpeed's state types: refused without running it")
+
+
+def _unsafe_globals(path: Path, allowed: list[type]) -> list[str]:
+    """The globals a torch.save file pickles that the weights-only unpickler would refuse, ``allowed`` aside."""
+    import torch
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except (ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path} is not a readable torch.save file: {err}") from None
+
+
+@contextmanager
+def _weights_only_loads():
+    """Every ``torch.load`` in this process reads weights-only while inside, ``weights_only=False`` callers included
+    (torch's documented ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), allowing :data:`DEEPSPEED_STATE_TYPES`."""
+    import torch
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
     try:
-        load_path, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            yield
     finally:
-        del reader.load
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+def load_deepspeed_state(engine, checkpoint: str | Path) -> None:
+    """Resume a DeepSpeed engine from ``checkpoint``'s ``deepspeed/`` folder without running code from its files:
+    every state file is first checked for pickled globals beyond tensors, containers and
+    :data:`DEEPSPEED_STATE_TYPES` (a :class:`CheckpointError` naming the file and the global), then the engine loads
+    them with every ``torch.load`` forced weights-only (DeepSpeed 0.19 asks for ``weights_only=False``)."""
+    import pickle
+    folder = Path(checkpoint) / DEEPSPEED_DIR
+    _refuse_unsafe_globals(folder / DEEPSPEED_TAG, _deepspeed_types())
+    with _weights_only_loads():
+        try:
+            load_path, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        except pickle.UnpicklingError as err:  # a global pushed dynamically, which the opcode scan cannot see
+            named = re.search(r"GLOBAL (\S+)", str(err))
+            what = named.group(1) if named else str(err).strip().splitlines()[-1]
+            raise CheckpointError(f"{folder / DEEPSPEED_TAG}: a state file pickles {what}, which is not a tensor, a "
+                                  f"container or one of DeepSpeed's state types: refused without running it") from None
     if load_path is None:
         raise CheckpointError(f"{folder / DEEPSPEED_TAG}: DeepSpeed found no state to load")
 
@@ -131,14 +181,12 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 def _expected_shapes(cfg) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str]]]:
     """The campaign model's tensor names and shapes, and for each name the names tied to it (one parameter)."""
     if cfg.generators.engine == "tabular":
-        from nashray.oracles.games import load_game
-        from nashray.trainers.tabular import TabularPolicy
+        from nashray.oracles.games import load_game  # lazy: scipy.optimize, seconds at `nashray --help`
+        from nashray.trainers.tabular import TabularPolicy  # lazy: imports torch
         state = TabularPolicy.from_game(load_game(cfg.data.game)).state_dict()
         return {k: tuple(v.shape) for k, v in state.items()}, {k: {k} for k in state}
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from nashray.models import resolve_model_path
     base = AutoConfig.from_pretrained(resolve_model_path(cfg.model.path),
                                       trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
@@ -152,7 +200,6 @@ def _expected_shapes(cfg) -> tuple[dict[str, tuple[int, ...]], dict[str, set[str
 
 
 def _check_config(ckpt: Path, cfg) -> None:
-    from nashray.models import resolve_model_path
     base_dir = Path(resolve_model_path(cfg.model.path))
     saved = _read_json(ckpt / "config.json", "an LLM checkpoint is an HF folder with its model config")
     base = _read_json(base_dir / "config.json", "the campaign's model has no config")
@@ -199,7 +246,6 @@ def _deepspeed_files(learner, present: list[str]) -> list[str]:
 
 
 def _check_deepspeed(ckpt: Path, cfg) -> None:
-    import torch
     folder = ckpt / DEEPSPEED_DIR / DEEPSPEED_TAG
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing: the checkpoint has no optimizer state to resume from")
@@ -215,11 +261,7 @@ def _check_deepspeed(ckpt: Path, cfg) -> None:
     allowed = _deepspeed_types()
     for name in present:
         path = folder / name
-        with torch.serialization.safe_globals(allowed):
-            try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except (ValueError, RuntimeError) as err:
-                raise CheckpointError(f"{path} is not a readable torch.save file: {err}") from None
+        unsafe = _unsafe_globals(path, allowed)
         if unsafe:
             raise CheckpointError(f"{path} names {sorted(unsafe)}, which a weights-only load refuses: the file "
                                   f"was not written by the learner, and is not loaded")
@@ -230,7 +272,6 @@ def validate_checkpoint(path: str | Path, config) -> None:
     ``config`` (a ``CampaignConfig`` or its dict): no COMPLETE marker, a missing or corrupted weights file, weights
     or config.json of another model, DeepSpeed state of another learner layout, or a state file that pickles
     anything but tensors and DeepSpeed's plain state types."""
-    from nashray.cluster.config import CampaignConfig
     cfg = config if isinstance(config, CampaignConfig) else CampaignConfig.model_validate(config)
     ckpt = Path(path)
     if not ckpt.is_dir():

@@ -1,11 +1,16 @@
 """The learner: Ray Train ``TorchTrainer`` workers, each running one DeepSpeed engine, alive for the whole campaign.
 
 ``TorchTrainer.fit()`` is started once, in a background thread of the driver, and never returns until the campaign
-ends: model, reference model and optimizer are built once, not per round. The driver and the workers talk through a
-small mailbox actor: the driver posts "train round t on these dataset shards"; every worker takes its shard, computes
-the log-probs the algorithm needs (π_t before the round's first update, π_ref from a frozen copy), trains the
-configured epochs, and saves the round's checkpoint; rank 0 then posts the metrics and the encoded weights of version
-t+1, which the driver pushes to the generators.
+ends: model, reference model and optimizer are built once, not per round. The driver (:class:`Learner`) and the
+workers (:class:`LearnerWorker`) exchange typed messages through a small mailbox actor — :class:`TrainRound`,
+:class:`ScoreSequences`, :class:`PublishWeights`, :class:`OpenBroadcast`, :class:`Stop` — each answered (by rank 0)
+with a :class:`RoundResult`, :class:`SequenceLogprobs`, a :class:`~nashray.weights.WeightPush` or a
+:class:`BroadcastAddress`.
+
+One round on a worker: take its dataset shard; plan the epochs' micro-batches; compute the log-probs the algorithm
+needs before the first update (π_t, π_ref from a frozen copy or the policy with its adapters off); train; save the
+round's checkpoint; rank 0 then answers with the metrics and the encoded weights of version t+1, which the driver
+pushes to the generators.
 
 A prompt's records are scored and trained together: with K samples judged all-pairs, K(K−1)/2 records share K
 sequences, and each distinct (prompt, response) goes through each pass (π_t, π_ref, each training epoch) once.
@@ -18,31 +23,118 @@ import json
 import math
 import os
 import shutil
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
 
+from nashray.cluster.config import CampaignConfig, LearnerConfig, OptimizerConfig
+from nashray.cluster.placement import learner_scaling
 from nashray.layout import ADAPTER_DIR, CHECKPOINT_DONE, DEEPSPEED_DIR, DEEPSPEED_TAG, RunDir, newest_checkpoint
+from nashray.models import load_causal_lm, load_tokenizer, resolve_precision
+from nashray.oracles.games import load_game
+from nashray.trainers.algorithms import Algorithm, get_algorithm
+from nashray.trainers.checkpoints import load_deepspeed_state
+from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+from nashray.trainers.lora import AdaptersOff, add_adapters, is_adapted, merged_state_dict
+from nashray.trainers.process_group import NodeAddressTorchConfig
+from nashray.trainers.ranking import ranking_counts
+from nashray.trainers.tabular import TabularPolicy
+from nashray.weights import NcclBroadcastTransport, ObjectStoreTransport, WeightPush
 
-STOP = "stop"
-WEIGHTS = "weights"
-SCORE = "score"
-BROADCAST = "broadcast"
-SCORE_CHUNK = 16  # sequences per forward of a SCORE task
+SCORE_CHUNK = 16  # sequences per forward of a ScoreSequences message: bounds the [B, T, vocab] logits
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+@dataclass(frozen=True)
+class TrainRound:
+    """Train round ``round`` on per-worker dataset shards, save its checkpoint in ``checkpoint_dir`` and publish the
+    new policy as ``version``."""
+    round: int
+    shards: list
+    version: int
+    checkpoint_dir: str
+
+
+@dataclass(frozen=True)
+class ScoreSequences:
+    """log π_θ and log π_ref of fixed sequences."""
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+
+
+@dataclass(frozen=True)
+class PublishWeights:
+    """A push of the current weights (those the learner resumed from), labelled ``version``."""
+    version: int
+
+
+@dataclass(frozen=True)
+class OpenBroadcast:
+    """Open the weight broadcast group: learner rank 0 plus ``world_size`` − 1 generators."""
+    world_size: int
+    backend: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the training loop: the campaign is over."""
+
+
+Message = TrainRound | ScoreSequences | PublishWeights | OpenBroadcast | Stop
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Two of the round's sequences and the new policy's log-probs of them: every generator must match these after
+    the push."""
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[float]
+
+
+@dataclass
+class RoundResult:
+    """A trained round: its ``metrics`` (loss, steps, timings, …; what the round's checkpoint marker records), the
+    push of the new policy and the probe that checks the push."""
+    metrics: dict[str, Any]
+    weights: WeightPush
+    probe: Probe
+
+
+@dataclass(frozen=True)
+class SequenceLogprobs:
+    """log π_θ (the learner's current policy) and log π_ref of fixed sequences, in their order."""
+    policy: list[float]
+    reference: list[float]
+
+
+@dataclass(frozen=True)
+class BroadcastAddress:
+    """Where the generators join the weight broadcast group (``GeneratorActor.join_weight_broadcast``)."""
+    host: str
+    port: int
 
 
 class LearnerMailbox:
-    """Driver ↔ learner-worker messages. Made an async Ray actor, so waiting workers never block the driver's posts."""
+    """Driver ↔ learner-worker messages, numbered in posting order. Made an async Ray actor, so waiting workers never
+    block the driver's posts."""
 
     def __init__(self):
-        self._tasks: dict[int, dict] = {}
-        self._results: dict[int, dict] = {}
+        self._messages: dict[int, Message] = {}
+        self._answers: dict[int, Any] = {}
         self._errors: list[str] = []
-        self._workers: dict[int, str] = {}
+        self._workers: dict[int, dict] = {}
         self._answered: set[int] = set()
         self._changed = asyncio.Condition()
 
@@ -50,19 +142,28 @@ class LearnerMailbox:
         async with self._changed:
             self._changed.notify_all()
 
-    async def post_task(self, seq: int, task: dict) -> None:
-        self._tasks[seq] = task
-        await self._notify()
-
-    async def next_task(self, seq: int, timeout_s: float = 30.0) -> dict | None:
-        """The task numbered ``seq``, or None after ``timeout_s`` (the worker asks again: short polls survive RPC
-        timeouts and let a worker notice a dead driver)."""
+    async def _wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: seq in self._tasks), timeout_s)
+                await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+                return True
             except asyncio.TimeoutError:
-                return None
-        return self._tasks[seq]
+                return False
+
+    def _raise_worker_errors(self) -> None:
+        if self._errors:
+            raise RuntimeError("learner worker failed: " + " | ".join(self._errors))
+
+    async def post(self, seq: int, message: Message) -> None:
+        self._messages[seq] = message
+        await self._notify()
+
+    async def next_message(self, seq: int, timeout_s: float = 30.0) -> Message | None:
+        """Message ``seq``, or None after ``timeout_s``: the worker asks again (short waits survive RPC timeouts and
+        let a worker notice a dead driver)."""
+        if not await self._wait_for(lambda: seq in self._messages, timeout_s):
+            return None
+        return self._messages[seq]
 
     async def register(self, rank: int, worker: dict) -> None:
         self._workers[rank] = worker
@@ -70,54 +171,44 @@ class LearnerMailbox:
 
     async def workers(self, world_size: int, timeout_s: float) -> dict[int, dict] | None:
         """Node and pid of each learner worker, once all ``world_size`` have built their engine."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(
-                    lambda: len(self._workers) == world_size or self._errors), timeout_s)
-            except asyncio.TimeoutError:
-                return None
-        if self._errors:
-            raise RuntimeError("learner worker failed: " + " | ".join(self._errors))
+        if not await self._wait_for(lambda: len(self._workers) == world_size or self._errors, timeout_s):
+            return None
+        self._raise_worker_errors()
         return dict(self._workers)
 
     async def first_open(self) -> int:
-        """The first task without a result: where a (re)started worker begins."""
-        return min((seq for seq in self._tasks if seq not in self._answered), default=len(self._tasks))
+        """The first message without an answer: where a (re)started worker begins."""
+        return min((seq for seq in self._messages if seq not in self._answered), default=len(self._messages))
 
-    async def post_result(self, seq: int, result: dict) -> None:
+    async def answer(self, seq: int, answer: Any) -> None:
         self._answered.add(seq)
-        self._results[seq] = result
+        self._answers[seq] = answer
         await self._notify()
 
-    async def post_error(self, message: str) -> None:
+    async def fail(self, message: str) -> None:
         self._errors.append(message)
         await self._notify()
 
-    async def wait_result(self, seq: int, timeout_s: float) -> dict | None:
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: seq in self._results or self._errors),
-                                       timeout_s)
-            except asyncio.TimeoutError:
-                return None
-        if self._errors:
-            raise RuntimeError("learner worker failed: " + " | ".join(self._errors))
-        return self._results.pop(seq)
+    async def wait_answer(self, seq: int, timeout_s: float) -> tuple[bool, Any]:
+        """(True, the answer to message ``seq``), or (False, None) after ``timeout_s``."""
+        if not await self._wait_for(lambda: seq in self._answers or self._errors, timeout_s):
+            return False, None
+        self._raise_worker_errors()
+        return True, self._answers.pop(seq)
 
 
-# ------------------------------------------------------------------------------------------ worker side
+# ------------------------------------------------------------------------------------------ building blocks
 
-def deepspeed_config(learner: dict, world_size: int) -> dict:
+def deepspeed_config(learner: LearnerConfig, world_size: int) -> dict:
     """The DeepSpeed config a learner section asks for. The optimizer is a torch one passed to ``initialize`` (a
     config-defined optimizer compiles a C++ op on CPU)."""
-    from nashray.models import resolve_precision
-    precision = resolve_precision(learner["precision"])
+    precision = resolve_precision(learner.precision)
     return {
-        "train_micro_batch_size_per_gpu": learner["micro_batch_size"],
-        "gradient_accumulation_steps": learner["gradient_accumulation"],
-        "train_batch_size": learner["micro_batch_size"] * learner["gradient_accumulation"] * world_size,
-        "gradient_clipping": learner["optimizer"]["grad_clip"],
-        "zero_optimization": {"stage": learner["zero_stage"]},
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": learner.gradient_accumulation,
+        "train_batch_size": learner.micro_batch_size * learner.gradient_accumulation * world_size,
+        "gradient_clipping": learner.optimizer.grad_clip,
+        "zero_optimization": {"stage": learner.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,
@@ -126,10 +217,9 @@ def deepspeed_config(learner: dict, world_size: int) -> dict:
     }
 
 
-def build_optimizer(params, opt: dict):
-    import torch
+def build_optimizer(params, optimizer: OptimizerConfig) -> torch.optim.Optimizer:
     kinds = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    return kinds[opt["name"]](params, lr=opt["lr"], weight_decay=opt["weight_decay"])
+    return kinds[optimizer.name](params, lr=optimizer.lr, weight_decay=optimizer.weight_decay)
 
 
 class SequenceScorer:
@@ -140,36 +230,32 @@ class SequenceScorer:
         self.tabular = tabular
         self.pad_id = pad_id
 
-    def __call__(self, model, prompt_ids: list[list[int]], response_ids: list[list[int]]):
+    def __call__(self, model, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
         if self.tabular:
             module = getattr(model, "module", model)
             return module.sequence_logprobs(prompt_ids, response_ids)
-        from nashray.trainers.logprobs import causal_lm_sequence_logprobs
         return causal_lm_sequence_logprobs(model, prompt_ids, response_ids, self.pad_id)
 
 
-def build_policy(config: dict):
-    """(policy module, reference module or None, scorer, tokenizer or None) for a campaign config; no reference
-    module for a LoRA policy, whose π_ref is its own forward with the adapters off."""
-    from nashray.trainers.lora import add_adapters
-    from nashray.models import load_causal_lm, load_tokenizer
-    model_cfg = config["model"]
-    if config["generators"]["engine"] == "tabular":
-        from nashray.oracles.games import load_game
-        from nashray.trainers.tabular import TabularPolicy
-        game = load_game(config["data"]["game"])
+def build_policy(cfg: CampaignConfig):
+    """(policy module, reference module or None, scorer, tokenizer or None) for a campaign; no reference module for
+    a LoRA policy, whose π_ref is its own forward with the adapters off."""
+    if cfg.generators.engine == "tabular":
+        game = load_game(cfg.data.game)
         # float32: DeepSpeed reduces no float64 gradients.
         return (TabularPolicy(game.pi_ref).float(), TabularPolicy(game.pi_ref).float(), SequenceScorer(tabular=True),
                 None)
-    tokenizer = load_tokenizer(model_cfg["path"])
+    model = cfg.model
+    tokenizer = load_tokenizer(model.path)
     scorer = SequenceScorer(tabular=False, pad_id=tokenizer.pad_token_id)
-    policy = load_causal_lm(model_cfg["path"], "float32", model_cfg["trust_remote_code"])
-    lora = config["learner"]["lora"]
-    if lora is not None:  # π_ref is the policy with its adapters off (AdaptersOff, once the engine exists)
-        return add_adapters(policy, lora), None, scorer, tokenizer
-    reference = load_causal_lm(model_cfg["path"], model_cfg["dtype"], model_cfg["trust_remote_code"])
+    policy = load_causal_lm(model.path, "float32", model.trust_remote_code)
+    if cfg.learner.lora is not None:  # π_ref is the policy with its adapters off (AdaptersOff, once the engine exists)
+        return add_adapters(policy, cfg.learner.lora), None, scorer, tokenizer
+    reference = load_causal_lm(model.path, model.dtype, model.trust_remote_code)
     return policy, reference, scorer, tokenizer
 
+
+# ------------------------------------------------------------------------------------------ a round's records
 
 @dataclass
 class RoundData:
@@ -199,7 +285,6 @@ class RoundData:
         return [self.columns["prompt_ids"][i] for i in idx], [self.columns[f"{key}_ids"][i] for i in idx]
 
     def tensors(self, idx) -> dict:
-        import torch
         return {name: torch.from_numpy(self.columns[name][idx]) for name in ("target", "a_score", "b_score")}
 
     def oldest_version(self) -> float:
@@ -210,7 +295,6 @@ class RoundData:
 
     def policy_logprobs(self, idx, keys: tuple[str, ...]) -> dict:
         """``t_*``: the generating policy's log-probs as its generator recorded them."""
-        import torch
         out = {}
         for key in keys:
             values = self.columns[f"{key}_policy_logprob"][idx]
@@ -268,11 +352,10 @@ def unique_sequences(data: RoundData, idx, keys: tuple[str, ...]
     return prompts, responses, where
 
 
-def _score(scorer, model, data: RoundData, idx, keys: tuple[str, ...], prefix: str) -> dict:
+def score_records(scorer, model, data: RoundData, idx, keys: tuple[str, ...], prefix: str) -> dict:
     """One forward over the distinct sequences that records ``idx`` need (a, b, x together), each scored once and
     indexed back per record and key. The indexing is part of the autograd graph: one backward through a sequence
     serves every pair it is in, and the gradient equals scoring the records pair by pair."""
-    import torch
     prompts, responses, where = unique_sequences(data, idx, keys)
     logps = scorer(model, prompts, responses).double()
     return {f"{prefix}_{key}": logps[torch.from_numpy(where[key])] for key in keys}
@@ -284,7 +367,6 @@ def score_sequences(scorer, model, sequences: tuple[list, list, dict[str, np.nda
     forward's rows then pad little), scored in ``forwards`` forwards. Every rank must run the same number of forwards
     of a DeepSpeed engine (ZeRO-3 gathers parameters across ranks in each): a rank with fewer distinct sequences
     than ``forwards`` scores its first one again."""
-    import torch
     prompts, responses, where = sequences
     order = np.asarray(sorted(range(len(prompts)), key=lambda s: (len(prompts[s]) + len(responses[s]),
                                                                    len(prompts[s]))), dtype=np.int64)
@@ -297,11 +379,128 @@ def score_sequences(scorer, model, sequences: tuple[list, list, dict[str, np.nda
     return {f"{prefix}_{key}": logps[torch.from_numpy(rows)] for key, rows in where.items()}
 
 
-def _gathered_state_dict(engine, zero_stage: int) -> dict:
+# ------------------------------------------------------------------------------------------ one round, worker side
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How every worker trains a round: each epoch's micro-batches (record indices of whole prompt groups), cut to
+    the number of steps every worker takes (collectives in lockstep), and where π_t comes from."""
+    epochs: list[list[np.ndarray]]
+    pi_t_keys: tuple[str, ...]     # the sequences whose π_t log-probs the round needs (the loss's or the ranking's)
+    pi_t_from_generators: bool     # the generators' recorded log-probs stand in for π_t
+    ranked: bool                   # ranking accuracy of π_t against π_ref is measured
+
+
+@dataclass
+class StepTotals:
+    """Sums over one worker's optimizer steps of a round."""
+    loss: float = 0.0
+    steps: int = 0
+    kl: float = 0.0
+    kl_steps: int = 0
+    tokens: int = 0
+
+
+def plan_round(data: RoundData, algorithm: Algorithm, cfg: CampaignConfig, version: int,
+               rng: np.random.Generator) -> RoundPlan:
+    """Groups, not records, are shuffled each epoch, so a prompt's pairs share one forward and one backward of its
+    sequences. Every worker must also take π_t from the same place, so the shards agree on whether any sample comes
+    from an older policy."""
+    learner = cfg.learner
+    groups = prompt_groups(data.columns["prompt_ids"])
+    epochs = [pack_groups([groups[g] for g in rng.permutation(len(groups))], learner.micro_batch_size)
+              for _ in range(learner.epochs_per_round)]
+    oldest = data.oldest_version()
+    shard_facts = torch.tensor([oldest if not math.isnan(oldest) else 1e9] + [len(epoch) for epoch in epochs])
+    dist.all_reduce(shard_facts, op=dist.ReduceOp.MIN)
+    steps_per_epoch = [int(steps) for steps in shard_facts[1:].tolist()]
+    # π_t is the policy that generated the round. The learner holds it unless the round was generated while the
+    # previous one trained (asynchronous rounds): then the generators' recorded log-probs of their samples stand in,
+    # or, with the "learner" anchor, the learner's newest policy takes its place.
+    pi_t_from_generators = (shard_facts[0].item() < version - 1 and cfg.schedule.async_anchor == "generator"
+                            and algorithm.needs_pi_t)
+    pi_t_keys = tuple(k for k in algorithm.sequences if k != "x") if algorithm.needs_pi_t else ()
+    # Where the loss needs no π_t (the DPO family) the ranking costs one more no-grad forward, by the learner's policy.
+    ranked = cfg.evaluation.ranking_accuracy and algorithm.needs_ref and "b" in algorithm.sequences
+    if ranked and not pi_t_keys:
+        pi_t_keys = ("a", "b")
+    return RoundPlan([epoch[:steps] for epoch, steps in zip(epochs, steps_per_epoch)], pi_t_keys,
+                     bool(pi_t_from_generators), bool(ranked))
+
+
+def fixed_logprobs(plan: RoundPlan, data: RoundData, algorithm: Algorithm, scorer, engine, reference,
+                   micro_batch_size: int) -> dict[str, torch.Tensor]:
+    """π_t and π_ref log-probs per record (``t_*``, ``ref_*``), computed once, before the round's first update: each
+    distinct sequence scored once, at most as many per forward as a micro-batch of records has sequences."""
+    every_record = np.arange(len(data))
+    fixed = {}
+    if plan.pi_t_keys and plan.pi_t_from_generators:
+        fixed.update(data.policy_logprobs(every_record, plan.pi_t_keys))
+    elif plan.pi_t_keys:
+        t_sequences = unique_sequences(data, every_record, plan.pi_t_keys)
+        t_forwards = torch.tensor([math.ceil(len(t_sequences[0]) / (micro_batch_size * len(plan.pi_t_keys)))])
+        dist.all_reduce(t_forwards, op=dist.ReduceOp.MAX)
+        fixed.update(score_sequences(scorer, engine, t_sequences, "t", int(t_forwards.item())))
+    if algorithm.needs_ref:
+        keys = algorithm.sequences
+        ref_sequences = unique_sequences(data, every_record, keys)
+        fixed.update(score_sequences(scorer, reference, ref_sequences, "ref",
+                                     math.ceil(len(ref_sequences[0]) / (micro_batch_size * len(keys)))))
+    return fixed
+
+
+def train_steps(plan: RoundPlan, data: RoundData, fixed: dict[str, torch.Tensor], algorithm: Algorithm,
+                cfg: CampaignConfig, scorer, engine) -> StepTotals:
+    """The round's optimizer steps: each micro-batch's distinct sequences scored by π_θ in one forward, the
+    algorithm's loss over its records, one backward and one step."""
+    totals = StepTotals()
+    for epoch in plan.epochs:
+        for idx in epoch:
+            lp = score_records(scorer, engine, data, idx, algorithm.sequences, "theta")
+            lp.update({name: values[torch.as_tensor(idx)] for name, values in fixed.items()})
+            loss = algorithm.loss(lp, data.tensors(idx), cfg.algorithm).mean()
+            engine.backward(loss)
+            engine.step()
+            totals.loss += float(loss.detach())
+            totals.steps += 1
+            if "ref_a" in lp:
+                totals.kl += float((lp["theta_a"].detach() - lp["ref_a"]).mean())
+                totals.kl_steps += 1
+            totals.tokens += data.tokens(idx)
+    return totals
+
+
+def probe_sequences(data: RoundData, scorer, engine) -> Probe:
+    """The new policy's log-probs of (up to) two of the round's sequences."""
+    idx = np.arange(min(2, len(data)))
+    prompts, responses = data.sequences("a", idx)
+    return Probe(prompts, responses, scorer(engine, prompts, responses).double().tolist())
+
+
+def round_metrics(plan: RoundPlan, data: RoundData, totals: StepTotals, ranking: tuple[float, int],
+                  logprob_s: float, train_s: float) -> dict[str, Any]:
+    """The round's metrics over all workers (an all-reduce: every worker calls this)."""
+    right, decided = ranking
+    stats = torch.tensor([totals.loss, totals.steps, totals.kl, totals.kl_steps, totals.tokens, len(data), right,
+                          decided], dtype=torch.float64)
+    dist.all_reduce(stats)
+    return {
+        "ranking_accuracy": float(stats[6] / stats[7]) if stats[7] else None,
+        "pi_t_from_generators": plan.pi_t_from_generators,
+        "rows": int(stats[5]),
+        "steps": sum(len(epoch) for epoch in plan.epochs),
+        "loss": float(stats[0] / max(stats[1], 1)),
+        "kl_to_ref": float(stats[2] / stats[3]) if stats[3] else None,
+        "train_tokens": int(stats[4]),
+        "logprob_s": logprob_s,
+        "train_s": train_s,
+        "train_tokens_per_s": float(stats[4]) / max(train_s, 1e-9),
+    }
+
+
+def gathered_state_dict(engine, zero_stage: int) -> dict:
     """The full module state dict (all ranks must call this under ZeRO-3; only rank 0's result is used)."""
     import deepspeed
-
-    from nashray.trainers.lora import is_adapted, merged_state_dict
     module = engine.module
     if is_adapted(module):  # ZeRO-3 is refused with LoRA at config load: the weights are whole here
         return merged_state_dict(module)
@@ -311,10 +510,11 @@ def _gathered_state_dict(engine, zero_stage: int) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, metrics: dict) -> None:
+def save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, round_index: int,
+                    metrics: dict, probe: Probe) -> None:
     """checkpoints/round-t/: HF safetensors (+ tokenizer) and DeepSpeed's optimizer state, written to a temporary
-    folder and renamed, with a COMPLETE marker last: a torn checkpoint is never picked on resume."""
-    import torch.distributed as dist
+    folder and renamed, with the COMPLETE marker (round, metrics, probe) last: a torn checkpoint is never picked on
+    resume, and a round whose checkpoint is complete is answered from it, not trained again."""
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -323,7 +523,6 @@ def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, 
     engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     dist.barrier()
     if rank == 0:
-        from nashray.trainers.lora import is_adapted
         module = engine.module
         if is_adapted(module):  # the adapters for peft and vLLM; the merged model below for everything else
             module.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
@@ -335,257 +534,190 @@ def _save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, 
         else:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        (tmp / CHECKPOINT_DONE).write_text(json.dumps({"round": metrics["round"], "metrics": metrics}))
+        (tmp / CHECKPOINT_DONE).write_text(json.dumps({"round": round_index, "metrics": metrics,
+                                                       "probe": asdict(probe)}))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         os.replace(tmp, ckpt_dir)
     dist.barrier()
 
 
-def learner_loop(loop_config: dict) -> None:
-    """Ray Train's train_loop_per_worker: build once, then serve rounds from the mailbox until told to stop."""
-    import deepspeed
-    import ray
-    import ray.train
-    import torch
+def read_finished_round(done: Path) -> tuple[dict, Probe]:
+    """The metrics and probe a complete checkpoint's marker recorded (markers written before the probe had its own
+    key hold it among the metrics)."""
+    saved = json.loads(done.read_text())
+    metrics = {k: v for k, v in saved["metrics"].items() if k not in ("round", "probe")}
+    return metrics, Probe(**(saved.get("probe") or saved["metrics"]["probe"]))
 
-    from nashray.trainers.algorithms import get_algorithm
-    from nashray.weights import ObjectStoreTransport
 
-    config = loop_config["config"]
-    learner_cfg = config["learner"]
-    mailbox = ray.get_actor(loop_config["mailbox"], namespace=loop_config["namespace"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    threads = learner_cfg["threads_per_worker"] or max(1, int(loop_config["cpus_per_worker"]))
-    torch.set_num_threads(threads)
-    torch.manual_seed(config["seed"] + rank)  # LoRA adapters' initialisation
+# ------------------------------------------------------------------------------------------ the worker
 
-    try:
-        algorithm = get_algorithm(config["algorithm"]["name"])
-        from nashray.cluster.config import CampaignConfig
-        algo_cfg = CampaignConfig.model_validate(config).algorithm
-        policy, reference, scorer, tokenizer = build_policy(config)
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every learner worker is started with (Ray Train's ``train_loop_config``)."""
+    cfg: CampaignConfig
+    mailbox: str          # the mailbox actor's name, in ``namespace``
+    namespace: str
+    checkpoints: str      # RUN_DIR/checkpoints: a (re)started worker resumes from the newest complete one
+    threads: int
+
+
+class LearnerWorker:
+    """One learner rank: its DeepSpeed engine, π_ref and weight transport, built once; then one method per message.
+    Each method runs on every rank (collectives in lockstep); rank 0 answers through ``reply``."""
+
+    def __init__(self, setup: WorkerSetup, rank: int, world_size: int):
+        import deepspeed
+        cfg = self.cfg = setup.cfg
+        self.rank = rank
+        torch.set_num_threads(setup.threads)
+        torch.manual_seed(cfg.seed + rank)  # LoRA adapters' initialisation
+        self.algorithm = get_algorithm(cfg.algorithm.name)
+        policy, reference, self.scorer, self.tokenizer = build_policy(cfg)
         if reference is not None:
             reference.requires_grad_(False).eval()
-        optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], learner_cfg["optimizer"])
-        engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
-                                          config=deepspeed_config(learner_cfg, world))
-        if reference is None:  # a LoRA policy
-            from nashray.trainers.lora import AdaptersOff
-            reference = AdaptersOff(engine)
+        optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.learner.optimizer)
+        self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
+                                               config=deepspeed_config(cfg.learner, world_size))
+        self.reference = reference if reference is not None else AdaptersOff(self.engine)
         # The newest complete round checkpoint, looked up at every (re)start: after Ray Train restarts a failed worker
         # group, the workers continue from the last round that finished, not from where the campaign began.
-        resume_from = newest_checkpoint(Path(loop_config["checkpoints"]))
+        resume_from = newest_checkpoint(Path(setup.checkpoints))
         if resume_from is not None:
-            from nashray.trainers.checkpoints import load_deepspeed_state
-            load_deepspeed_state(engine, resume_from)  # weights-only unpickling: a planted file runs nothing
-    except Exception as err:  # the driver waits on the mailbox: tell it why, then let Ray Train see the failure
-        ray.get(mailbox.post_error.remote(f"rank {rank} could not start: {type(err).__name__}: {err}"))
-        raise
+            load_deepspeed_state(self.engine, resume_from)  # weights-only unpickling: a planted file runs nothing
+        self.transport = ObjectStoreTransport()
 
-    ray.get(mailbox.register.remote(rank, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}))
-    keys = algorithm.sequences
-    transport = ObjectStoreTransport()
-    seq = ray.get(mailbox.first_open.remote())  # a restarted group picks up the task in flight
-    while True:
-        task = ray.get(mailbox.next_task.remote(seq))
-        if task is None:
-            continue
-        seq += 1
-        if task["kind"] == STOP:
+    def serve(self, mailbox) -> None:
+        """Answer the mailbox's messages in order until :class:`Stop`; a restarted group picks up the one in flight."""
+        handlers = {TrainRound: self.train_round, ScoreSequences: self.score, PublishWeights: self.publish_weights,
+                    OpenBroadcast: self.open_broadcast}
+        seq = ray.get(mailbox.first_open.remote())
+        while True:
+            message = ray.get(mailbox.next_message.remote(seq))
+            if message is None:
+                continue
+            if isinstance(message, Stop):
+                return
+            try:
+                handlers[type(message)](message, lambda answer, seq=seq: ray.get(mailbox.answer.remote(seq, answer)))
+            except Exception as err:
+                where = f", round {message.round}" if isinstance(message, TrainRound) else ""
+                ray.get(mailbox.fail.remote(f"rank {self.rank}, {type(message).__name__}{where}: "
+                                            f"{type(err).__name__}: {err}"))
+                raise
+            seq += 1
+
+    def train_round(self, message: TrainRound, reply) -> None:
+        checkpoint_dir = Path(message.checkpoint_dir)
+        done = checkpoint_dir / CHECKPOINT_DONE
+        if done.is_file():  # finished before a restart: the engine was just loaded from it; never train twice
+            metrics, probe = read_finished_round(done)
+            state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
+        else:
+            # The round's data order and torch draws depend on (seed, rank, round) alone, not on how many rounds
+            # this process has trained: a round trained again after a restart takes the same batches in order.
+            rng = np.random.default_rng([self.cfg.seed, self.rank, message.round])
+            torch.manual_seed(int(rng.integers(2 ** 63)))
+            metrics, probe = self._train(message, rng)
+            state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
+            save_checkpoint(self.engine, state, self.tokenizer, checkpoint_dir, self.rank, message.round, metrics,
+                            probe)
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            push = self.transport.publish(state, message.version)
+            metrics = {**metrics, "encode_s": time.perf_counter() - t0, "weights_nbytes": push.nbytes}
+            reply(RoundResult(metrics, push, probe))
+            self.transport.deliver()  # a broadcast completes once the driver hands the push to the generators
+
+    def _train(self, message: TrainRound, rng: np.random.Generator) -> tuple[dict, Probe]:
+        start = time.perf_counter()
+        data = RoundData.from_shard(message.shards[self.rank])
+        plan = plan_round(data, self.algorithm, self.cfg, message.version, rng)
+        self.engine.eval()
+        with torch.no_grad():
+            fixed = fixed_logprobs(plan, data, self.algorithm, self.scorer, self.engine, self.reference,
+                                   self.cfg.learner.micro_batch_size)
+        ranking = (ranking_counts(fixed["t_a"], fixed["t_b"], fixed["ref_a"], fixed["ref_b"], data.columns["target"])
+                   if plan.ranked and len(data) else (0.0, 0))
+        if not self.algorithm.needs_pi_t:  # computed for the ranking only: the loss must not see it
+            fixed = {name: values for name, values in fixed.items() if not name.startswith("t_")}
+        logprob_s = time.perf_counter() - start
+        self.engine.train()
+        totals = train_steps(plan, data, fixed, self.algorithm, self.cfg, self.scorer, self.engine)
+        train_s = time.perf_counter() - start - logprob_s
+        self.engine.eval()
+        with torch.no_grad():
+            probe = probe_sequences(data, self.scorer, self.engine)
+        return round_metrics(plan, data, totals, ranking, logprob_s, train_s), probe
+
+    def score(self, message: ScoreSequences, reply) -> None:
+        """Every rank runs the forwards (ZeRO-3 gathers parameters across ranks in each)."""
+        policy, reference = [], []
+        self.engine.eval()
+        with torch.no_grad():
+            for n in range(0, len(message.prompt_ids), SCORE_CHUNK):
+                part = message.prompt_ids[n:n + SCORE_CHUNK], message.response_ids[n:n + SCORE_CHUNK]
+                policy += self.scorer(self.engine, *part).double().tolist()
+                reference += self.scorer(self.reference, *part).double().tolist()
+        if self.rank == 0:
+            reply(SequenceLogprobs(policy, reference))
+
+    def publish_weights(self, message: PublishWeights, reply) -> None:
+        state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
+        if self.rank == 0:
+            reply(self.transport.publish(state, message.version))
+            self.transport.deliver()
+
+    def open_broadcast(self, message: OpenBroadcast, reply) -> None:
+        """Rank 0 serves the group's rendezvous: it answers with host and port, then waits for the generators."""
+        if self.rank != 0:
             return
-        try:
-            if task["kind"] == BROADCAST:  # rank 0 serves the group's rendezvous; the generators join it
-                if rank == 0:
-                    transport = _open_broadcast(task, mailbox, seq - 1)
-                continue
-            if task["kind"] == SCORE:  # every rank runs the forward (ZeRO-3 gathers across them); rank 0 answers
-                with torch.no_grad():
-                    engine.eval()
-                    scored = {"policy": [], "reference": []}
-                    for n in range(0, len(task["prompt_ids"]), SCORE_CHUNK):  # bounds the [B, T, vocab] logits
-                        part = task["prompt_ids"][n:n + SCORE_CHUNK], task["response_ids"][n:n + SCORE_CHUNK]
-                        scored["policy"] += scorer(engine, *part).double().tolist()
-                        scored["reference"] += scorer(reference, *part).double().tolist()
-                if rank == 0:
-                    ray.get(mailbox.post_result.remote(seq - 1, scored))
-                continue
-            if task["kind"] == WEIGHTS:
-                state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
-                if rank == 0:
-                    ray.get(mailbox.post_result.remote(seq - 1, {"weights": transport.publish(state,
-                                                                                              task["version"])}))
-                    transport.deliver()
-                continue
-            done = Path(task["checkpoint_dir"]) / CHECKPOINT_DONE
-            if done.is_file():  # finished before a restart: the engine was just loaded from it; never train twice
-                result = json.loads(done.read_text())["metrics"]
-                state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
-            else:
-                # The round's data order and torch draws depend on (seed, rank, round) alone, not on how many rounds
-                # this process has trained: a round trained again after a restart takes the same batches in order.
-                rng = np.random.default_rng([config["seed"], rank, task["round"]])
-                torch.manual_seed(int(rng.integers(2 ** 63)))
-                result = _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng,
-                                      learner_cfg, config["evaluation"]["ranking_accuracy"],
-                                      config["schedule"]["async_anchor"])
-                state = _gathered_state_dict(engine, learner_cfg["zero_stage"])
-                _save_checkpoint(engine, state, tokenizer, Path(task["checkpoint_dir"]), rank, result)
-            if rank == 0:
-                t0 = time.perf_counter()
-                push = transport.publish(state, task["version"])
-                result.update(weights=push, encode_s=time.perf_counter() - t0, weights_nbytes=push.nbytes)
-                ray.get(mailbox.post_result.remote(seq - 1, result))
-                transport.deliver()  # a broadcast completes once the driver hands the push to the generators
-        except Exception as err:
-            ray.get(mailbox.post_error.remote(f"rank {rank}, round {task.get('round')}: "
-                                              f"{type(err).__name__}: {err}"))
-            raise
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        reply(BroadcastAddress(host, port))
+        self.transport = NcclBroadcastTransport(host, port, 0, message.world_size, backend=message.backend,
+                                                timeout_s=message.timeout_s)
 
 
-def _open_broadcast(task: dict, mailbox, seq: int):
-    """Learner rank 0's end of the weight broadcast: post host and port, then wait for the generators to join."""
-    import socket
-
-    import ray
-
-    from nashray.weights import NcclBroadcastTransport
-    host = ray.util.get_node_ip_address()
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
-    ray.get(mailbox.post_result.remote(seq, {"host": host, "port": port}))
-    return NcclBroadcastTransport(host, port, 0, task["world_size"], backend=task["backend"],
-                                  timeout_s=task["timeout_s"])
-
-
-def _train_round(task, rank, engine, reference, scorer, algorithm, algo_cfg, keys, rng, learner_cfg,
-                 ranking: bool, anchor: str) -> dict:
-    import torch
-    import torch.distributed as dist
-
-    from nashray.cluster.evaluation import ranking_counts
-
-    t_start = time.perf_counter()
-    data = RoundData.from_shard(task["shards"][rank])
-    mbs = learner_cfg["micro_batch_size"]
-    # A step trains whole prompt groups, so a prompt's pairs share one forward and one backward of its sequences;
-    # groups, not records, are shuffled each epoch.
-    groups = prompt_groups(data.columns["prompt_ids"])
-    plans = [pack_groups([groups[g] for g in rng.permutation(len(groups))], mbs)
-             for _ in range(learner_cfg["epochs_per_round"])]
-    # Every worker must take the same number of optimizer steps (collectives in lockstep); every worker must also
-    # take π_t from the same place, so the shards agree on whether any sample comes from an older policy.
-    oldest = data.oldest_version()
-    shard_facts = torch.tensor([oldest if not math.isnan(oldest) else 1e9] + [len(plan) for plan in plans])
-    dist.all_reduce(shard_facts, op=dist.ReduceOp.MIN)
-    steps_per_epoch = [int(steps) for steps in shard_facts[1:].tolist()]
-    # π_t is the policy that generated the round. The learner holds it unless the round was generated while the
-    # previous one trained (asynchronous rounds): then the generators' recorded log-probs of their samples stand in,
-    # or, with the "learner" anchor, the learner's newest policy takes its place.
-    learner_version = task["version"] - 1
-    pi_t_from_generators = (shard_facts[0].item() < learner_version and anchor == "generator"
-                            and algorithm.needs_pi_t)
-    pi_t_keys = tuple(k for k in keys if k != "x") if algorithm.needs_pi_t else ()
-    # Ranking accuracy compares π_t with π_ref; where the loss needs no π_t (the DPO family) it costs one more
-    # no-grad forward, by the learner's own policy.
-    ranked = ranking and algorithm.needs_ref and "b" in keys
-    if ranked and not pi_t_keys:
-        pi_t_keys = ("a", "b")
-
-    # π_t and π_ref log-probs, computed once, before the round's first update: each distinct sequence scored once,
-    # at most as many per forward as a micro-batch of records has sequences.
-    every_record = np.arange(len(data))
-    fixed = {}
-    engine.eval()
-    with torch.no_grad():
-        if pi_t_keys and pi_t_from_generators:
-            fixed.update(data.policy_logprobs(every_record, pi_t_keys))
-        elif pi_t_keys:
-            t_sequences = unique_sequences(data, every_record, pi_t_keys)
-            t_forwards = torch.tensor([math.ceil(len(t_sequences[0]) / (mbs * len(pi_t_keys)))])
-            dist.all_reduce(t_forwards, op=dist.ReduceOp.MAX)
-            fixed.update(score_sequences(scorer, engine, t_sequences, "t", int(t_forwards.item())))
-        if algorithm.needs_ref:
-            ref_sequences = unique_sequences(data, every_record, keys)
-            fixed.update(score_sequences(scorer, reference, ref_sequences, "ref",
-                                         math.ceil(len(ref_sequences[0]) / (mbs * len(keys)))))
-    right, decided = (ranking_counts(fixed["t_a"], fixed["t_b"], fixed["ref_a"], fixed["ref_b"],
-                                     data.columns["target"]) if ranked and len(data) else (0.0, 0))
-    if not algorithm.needs_pi_t:  # computed for the ranking only: the loss must not see it
-        fixed = {name: values for name, values in fixed.items() if not name.startswith("t_")}
-    t_logprobs = time.perf_counter() - t_start
-
-    engine.train()
-    losses, kls, tokens = [], [], 0
-    for plan, steps in zip(plans, steps_per_epoch):
-        for idx in plan[:steps]:
-            lp = _score(scorer, engine, data, idx, keys, "theta")
-            lp.update({name: values[torch.as_tensor(idx)] for name, values in fixed.items()})
-            loss = algorithm.loss(lp, data.tensors(idx), algo_cfg).mean()
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            if "ref_a" in lp:
-                kls.append(float((lp["theta_a"].detach() - lp["ref_a"]).mean()))
-            tokens += data.tokens(idx)
-    train_s = time.perf_counter() - t_start - t_logprobs
-    engine.eval()
-    with torch.no_grad():  # the new policy's log-probs of two fixed sequences: generators must match them
-        probe_idx = np.arange(min(2, len(data)))
-        probe_prompts, probe_responses = data.sequences("a", probe_idx)
-        probe = {"prompt_ids": probe_prompts, "response_ids": probe_responses,
-                 "logprobs": scorer(engine, probe_prompts, probe_responses).double().tolist()}
-    stats = torch.tensor([sum(losses), len(losses), sum(kls), len(kls), tokens, len(data), right, decided],
-                         dtype=torch.float64)
-    dist.all_reduce(stats)
-    return {
-        "round": task["round"],
-        "ranking_accuracy": float(stats[6] / stats[7]) if stats[7] else None,
-        "pi_t_from_generators": bool(pi_t_from_generators),
-        "rows": int(stats[5]),
-        "steps": sum(steps_per_epoch),
-        "loss": float(stats[0] / max(stats[1], 1)),
-        "kl_to_ref": float(stats[2] / stats[3]) if stats[3] else None,
-        "train_tokens": int(stats[4]),
-        "logprob_s": t_logprobs,
-        "train_s": train_s,
-        "train_tokens_per_s": float(stats[4]) / max(train_s, 1e-9),
-        "probe": probe,
-    }
+def learner_loop(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker: build once, then serve messages until told to stop."""
+    setup: WorkerSetup = loop_config["setup"]
+    mailbox = ray.get_actor(setup.mailbox, namespace=setup.namespace)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    try:
+        worker = LearnerWorker(setup, rank, context.get_world_size())
+    except Exception as err:  # the driver waits on the mailbox: tell it why, then let Ray Train see the failure
+        ray.get(mailbox.fail.remote(f"rank {rank} could not start: {type(err).__name__}: {err}"))
+        raise
+    ray.get(mailbox.register.remote(rank, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}))
+    worker.serve(mailbox)
 
 
 # ------------------------------------------------------------------------------------------ driver side
 
 class Learner:
-    """The driver's handle on the persistent learner: ``train_round`` posts a round and waits for its result."""
+    """The driver's handle on the persistent learner: each method posts one message and waits for its answer."""
 
-    def __init__(self, config: dict, run_dir: Path):
-        import ray
+    def __init__(self, cfg: CampaignConfig, run_dir: Path):
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from nashray.cluster.config import LearnerConfig
-        from nashray.cluster.placement import learner_scaling
-        from nashray.trainers.process_group import NodeAddressTorchConfig
-
-        self.config = config
-        self.timeout_s = config["learner"]["timeout_s"]
-        self.world_size = config["learner"]["workers"]
-        self.namespace = ray.get_runtime_context().namespace
-        self.mailbox_name = f"nashray-learner-mailbox-{os.getpid()}-{time.time_ns()}"
-        self.mailbox = ray.remote(LearnerMailbox).options(
-            name=self.mailbox_name, num_cpus=0, max_concurrency=64).remote()
-        scaling = learner_scaling(LearnerConfig.model_validate(config["learner"]))
+        run = RunDir(run_dir)
+        self.timeout_s = cfg.learner.timeout_s
+        self.world_size = cfg.learner.workers
+        mailbox_name = f"nashray-learner-mailbox-{os.getpid()}-{time.time_ns()}"
+        self.mailbox = ray.remote(LearnerMailbox).options(name=mailbox_name, num_cpus=0, max_concurrency=64).remote()
+        setup = WorkerSetup(cfg, mailbox_name, ray.get_runtime_context().namespace, str(run.checkpoints_root),
+                            cfg.learner.threads_per_worker or max(1, int(cfg.learner.resources.num_cpus)))
         self.trainer = TorchTrainer(
             learner_loop,
             torch_config=NodeAddressTorchConfig(),  # the rendezvous server listens on the node's address only
-            train_loop_config={"config": config, "mailbox": self.mailbox_name, "namespace": self.namespace,
-                               "checkpoints": str(RunDir(run_dir).checkpoints_root),
-                               "cpus_per_worker": config["learner"]["resources"]["num_cpus"]},
-            scaling_config=ScalingConfig(**scaling),
-            run_config=RunConfig(name="learner", storage_path=str(RunDir(run_dir).ray_train_dir),
-                                 failure_config=FailureConfig(max_failures=config["learner"]["max_failures"])),
+            train_loop_config={"setup": setup},
+            scaling_config=ScalingConfig(**learner_scaling(cfg.learner)),
+            run_config=RunConfig(name="learner", storage_path=str(run.ray_train_dir),
+                                 failure_config=FailureConfig(max_failures=cfg.learner.max_failures)),
         )
         self._seq = 0
         self._failure: BaseException | None = None
@@ -595,21 +727,31 @@ class Learner:
     def _fit(self):
         try:
             self.trainer.fit()
-        except BaseException as err:  # surfaced by the next train_round
+        except BaseException as err:  # surfaced by the next call
             self._failure = err
 
-    def _post(self, task: dict) -> int:
-        import ray
-        seq = self._seq
-        ray.get(self.mailbox.post_task.remote(seq, task))
-        self._seq += 1
-        return seq
+    def train_round(self, round_index: int, shards: list, checkpoint_dir: Path, version: int) -> RoundResult:
+        """Train one round on per-worker dataset shards (one per worker); the result carries the push of the new
+        policy ``version``."""
+        return self._ask(TrainRound(round_index, shards, version, str(checkpoint_dir)), f"finishing round {round_index}")
+
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> SequenceLogprobs:
+        """log π_θ and log π_ref of fixed sequences, both computed by the learner with the same numerics."""
+        return self._ask(ScoreSequences(prompt_ids, response_ids), "scoring sequences")
+
+    def current_weights(self, version: int) -> WeightPush:
+        """A push of the learner's current weights (those it resumed from), labelled ``version``."""
+        return self._ask(PublishWeights(version), "publishing its weights")
+
+    def open_broadcast(self, generators: int, backend: str, timeout_s: float) -> BroadcastAddress:
+        """Start the weight broadcast group (learner rank 0 + ``generators``), which every generator must join
+        before the first push."""
+        return self._ask(OpenBroadcast(generators + 1, backend, timeout_s), "opening the weight broadcast")
 
     def workers(self) -> list[dict]:
         """Node id and pid of each learner worker (rank order), waiting until every worker has started."""
-        import ray
         deadline = time.monotonic() + self.timeout_s
-        while True:
+        while True:  # short waits: a learner that died while starting is noticed within seconds
             self._raise_if_stopped("starting")
             nodes = ray.get(self.mailbox.workers.remote(self.world_size, 5.0))
             if nodes is not None:
@@ -617,51 +759,28 @@ class Learner:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"learner: workers did not start within learner.timeout_s={self.timeout_s:g}s")
 
+    def _ask(self, message: Message, what: str):
+        seq = self._seq
+        ray.get(self.mailbox.post.remote(seq, message))
+        self._seq += 1
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # short waits: a learner whose fit() ended is noticed within seconds, not at the timeout
+            self._raise_if_stopped(what)
+            answered, answer = ray.get(self.mailbox.wait_answer.remote(seq, 5.0))
+            if answered:
+                return answer
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"learner: no answer {what} within learner.timeout_s={self.timeout_s:g}s")
+
     def _raise_if_stopped(self, what: str) -> None:
         if self._failure is not None:
             raise RuntimeError(f"learner failed: {self._failure}") from self._failure
         if not self._thread.is_alive():
             raise RuntimeError(f"learner stopped before {what}")
 
-    def open_broadcast(self, generators: int, backend: str, timeout_s: float) -> tuple[str, int]:
-        """Start the weight broadcast group (learner rank 0 + ``generators``); returns the rendezvous host and port,
-        which every generator must join (``GeneratorActor.join_weight_broadcast``) before the first push."""
-        answer = self._wait(self._post({"kind": BROADCAST, "world_size": generators + 1, "backend": backend,
-                                        "timeout_s": timeout_s}), "opening the weight broadcast")
-        return answer["host"], answer["port"]
-
-    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict[str, list]:
-        """log π_θ (the learner's current policy) and log π_ref of fixed sequences, both computed by the learner with
-        the same numerics: ``{"policy": [...], "reference": [...]}``."""
-        return self._wait(self._post({"kind": SCORE, "prompt_ids": prompt_ids, "response_ids": response_ids}),
-                          "scoring sequences")
-
-    def current_weights(self, version: int):
-        """A push of the learner's current weights (those it resumed from), labelled ``version``."""
-        return self._wait(self._post({"kind": WEIGHTS, "version": version}), "publishing its weights")["weights"]
-
-    def train_round(self, round_index: int, shards: list, checkpoint_dir: Path, version: int) -> dict:
-        """Train one round on per-worker dataset shards; returns the metrics and ``weights``, the
-        :class:`~nashray.weights.WeightPush` of the new policy ``version``."""
-        import ray
-        seq = self._post({"kind": "train", "round": round_index, "shards": shards, "version": version,
-                          "checkpoint_dir": str(checkpoint_dir)})
-        return self._wait(seq, f"finishing round {round_index}")
-
-    def _wait(self, seq: int, what: str) -> dict:
-        import ray
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            self._raise_if_stopped(what)
-            result = ray.get(self.mailbox.wait_result.remote(seq, 5.0))
-            if result is not None:
-                return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"learner: no answer {what} within learner.timeout_s={self.timeout_s:g}s")
-
     def shutdown(self, timeout_s: float = 60) -> None:
-        import ray
         if self._thread.is_alive():
-            self._post({"kind": STOP})
+            ray.get(self.mailbox.post.remote(self._seq, Stop()))
+            self._seq += 1
             self._thread.join(timeout_s)
         ray.kill(self.mailbox)

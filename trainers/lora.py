@@ -6,15 +6,16 @@ them for peft and vLLM's LoRA loading."""
 
 from __future__ import annotations
 
+from nashray.cluster.config import LoraConfig
 
 
-def add_adapters(model, lora: dict):
+def add_adapters(model, lora: LoraConfig):
     """``model`` wrapped by peft with fresh LoRA adapters (B = 0: the wrapped model computes exactly what it did);
     only the adapters require grad."""
-    from peft import LoraConfig, get_peft_model
-    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["target_modules"], task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    import peft
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
 
 
 def is_adapted(module) -> bool:

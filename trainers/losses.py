@@ -55,15 +55,16 @@ def sppo_loss(logp, t, win_rate, eta: float) -> torch.Tensor:
     return (logp - t - eta * (_as_tensor(win_rate, logp) - 0.5)) ** 2
 
 
-def dno_regression_loss(logp_a, logp_b, t_a, t_b, r_a, r_b, eta: float) -> torch.Tensor:
+def dno_regression_loss(logp_a, logp_b, t_a, t_b, r_a, r_b, beta: float) -> torch.Tensor:
     """DNO Algorithm 1 (Rosset et al. 2024, arXiv 2404.03715): soft-label logistic regression of the pair.
 
         q = σ(r_a − r_b)                              (target, r = r_t(y) = P(y ≻ π_t))
-        z = η[(logp_a − t_a) − (logp_b − t_b)]       (model logit)
+        z = β[(logp_a − t_a) − (logp_b − t_b)]       (model logit)
         loss = −q·log σ(z) − (1 − q)·log σ(−z)
 
-    With pairs drawn from π_t the population minimiser is π_{t+1} ∝ π_t·exp(r_t/η)."""
-    logit = eta * ((logp_a - t_a) - (logp_b - t_b))
+    ``beta`` is DNO's ``algorithm.beta``, the paper's η (the KL coefficient against π_t). With pairs drawn from π_t
+    the population minimiser is π_{t+1} ∝ π_t·exp(r_t/β)."""
+    logit = beta * ((logp_a - t_a) - (logp_b - t_b))
     target = torch.sigmoid(_as_tensor(r_a, logit) - _as_tensor(r_b, logit))
     return _logistic_loss(logit, target)
 
@@ -113,15 +114,15 @@ def nash_md_loss(logp_y, ref_y, preference, tau: float) -> torch.Tensor:
     return -advantage * logp_y
 
 
-def nash_md_clipped_loss(logp_y, t_y, ref_y, preference, tau: float, mixture: float, clip: float) -> torch.Tensor:
+def nash_md_clipped_loss(logp_y, t_y, ref_y, preference, tau: float, beta: float, clip_ratio: float) -> torch.Tensor:
     """Nash-MD (Munos et al. 2023, arXiv 2312.00886) for several optimizer steps on one round's samples: y was drawn
     from π_t (``t_y`` = log π_t(y), the policy that drew it), y' from the mixture π_mix = π_t^{1−β}·π_ref^{β}/Z
-    (β = ``mixture``), preference = P(y ≻ y'), with PPO's clipped importance ratio (Schulman et al. 2017,
+    (β = ``beta``, Nash-MD's ``algorithm.beta``), preference = P(y ≻ y'), with PPO's clipped importance ratio (Schulman et al. 2017,
     arXiv 1707.06347):
 
         r = exp(logp_y − t_y)
         A = (preference − ½) − τ·sg(logp_y − ref_y) − κ·sg(logp_y − t_y),        κ = (1 − β)·τ/β
-        loss = −min(r·A, clip(r, 1 − ε, 1 + ε)·A)                                  (ε = ``clip``)
+        loss = −min(r·A, clip(r, 1 − ε, 1 + ε)·A)                                  (ε = ``clip_ratio``)
 
     Inside the clip range, since E_{y~π_t}[r·f(y)] = E_{y~π_θ}[f(y)] and ∇r = r·∇logp, the expected gradient is
     −∇_θ of F(θ) = P(π_θ ≻ π_mix) − τ·KL(π_θ‖π_ref) − κ·KL(π_θ‖π_t), the mixture held fixed. At θ = π_t (r = 1, the
@@ -134,8 +135,8 @@ def nash_md_clipped_loss(logp_y, t_y, ref_y, preference, tau: float, mixture: fl
     Without the κ term, many steps on one round's samples would climb to the τ-regularised best response to π_mix,
     and rounds of best responses cycle on intransitive games; the clip keeps each sample's ratio, and with it the
     importance-weighted estimate, within 1 ± ε of the sampling policy."""
-    kappa = (1 - mixture) * tau / mixture
+    kappa = (1 - beta) * tau / beta
     ratio = torch.exp(logp_y - t_y)
     advantage = ((_as_tensor(preference, logp_y) - 0.5) - tau * (logp_y - ref_y).detach()
                  - kappa * (logp_y - t_y).detach())
-    return -torch.minimum(ratio * advantage, ratio.clamp(1 - clip, 1 + clip) * advantage)
+    return -torch.minimum(ratio * advantage, ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantage)

@@ -86,14 +86,6 @@ class TabularPolicy(torch.nn.Module):
         return torch.softmax((1 - beta) * self.log_probs() + beta * log_ref, -1)
 
 
-def policy_to_json(policy: TabularPolicy, game: Game) -> dict[str, list[float]]:
-    """{prompt name: probability vector}, the file a tabular run writes as its final policy."""
-    if policy.logits.shape != game.pi_ref.shape:
-        raise ValueError(f"policy shape {tuple(policy.logits.shape)} does not match the game's {game.pi_ref.shape}")
-    probs = policy.probs().detach().cpu().numpy()
-    return {name: probs[p].tolist() for p, name in enumerate(game.prompts)}
-
-
 # ------------------------------------------------------------------------------------------------ harness
 
 @dataclass
@@ -138,7 +130,7 @@ def _round_records(algorithm: Algorithm, cfg, game: Game, policy: TabularPolicy,
     with torch.no_grad():
         log_pi = policy.log_probs()
         log_ref = torch.log(torch.as_tensor(game.pi_ref))
-        log_mix = (torch.log(policy.mixture_probs(game.pi_ref, cfg.mixture)) if algorithm.mixture_samples else None)
+        log_mix = (torch.log(policy.mixture_probs(game.pi_ref, cfg.beta)) if algorithm.mixture_samples else None)
     sets, judge_rows = [], []
     for p in range(game.P.shape[0]):
         actions = policy.sample(p, groups * k, generator).view(groups, k)
