@@ -77,7 +77,8 @@ def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[st
         verdicts = score_comparisons(roles, by_prompt, planned)
     else:
         verdicts = judge(roles.judges, [{"prompt": by_prompt[p][i]["prompt"], "a": by_prompt[p][i]["response"],
-                                  "b": by_prompt[p][j]["response"]} for p, i, j in planned], seed)
+                                  "b": by_prompt[p][j]["response"]} for p, i, j in planned],
+                         batch_size=roles.judge_batch, seed=seed)
     rows, judged = [], {p: {} for p in by_prompt}
     for (prompt_id, i, j), verdict in zip(planned, verdicts):
         rows.append({"prompt_id": prompt_id, "i": i, "j": j, "prob": verdict["prob"], "reason": verdict["reason"],

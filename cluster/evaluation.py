@@ -296,7 +296,7 @@ def evaluate_round(cfg: CampaignConfig, run: RunDir, roles: Roles, push) -> dict
     by_id = {s["prompt_id"]: s for s in current}
     answers = [by_id[b["prompt_id"]] for b in baseline]
     comparisons = [{"prompt": b["prompt"], "a": s["response"], "b": b["response"]} for b, s in zip(baseline, answers)]
-    verdicts = judge(_eval_judges(cfg, run, roles), comparisons, cfg.judges.batch_size,
+    verdicts = judge(_eval_judges(cfg, run, roles), comparisons, batch_size=cfg.judges.batch_size,
                      what="eval judgements")
     probs = [v["prob"] for v in verdicts]
 

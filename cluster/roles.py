@@ -51,7 +51,7 @@ def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool
     return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
 
 
-def judge(judges: ActorPool, comparisons: list[dict], batch_size: int, seed: int | None = None,
+def judge(judges: ActorPool, comparisons: list[dict], *, batch_size: int, seed: int | None = None,
           what: str = "judgements") -> list[dict]:
     """Verdicts for ``comparisons`` (dicts of prompt, a, b), spread over ``judges`` in contiguous chunks of at most
     ``batch_size`` (``seed``: see :func:`chunk_seed`)."""

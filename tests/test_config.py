@@ -54,10 +54,12 @@ def test_parse_oracle_config_errors_name_the_field(value, message):
     assert "secret" not in str(err.value)  # a rejected URL is not repeated
 
 
-def test_oracle_configs_are_the_same_classes_from_the_config_tree():
-    from nashray.cluster import config
+def test_the_config_tree_holds_the_oracles_own_config_models():
+    from nashray.cluster.config import JudgeConfig, parse_config
     from nashray.oracles import config as oracle_config
-    for name in ("OracleConfig", "RuleOracleConfig", "EnsembleOracleConfig", "Strict", "parse_oracle_config"):
-        assert getattr(config, name) is getattr(oracle_config, name)
+    assert isinstance(JudgeConfig().oracle, oracle_config.RuleOracleConfig)
+    panel = parse_config({"judges": {"oracle": {"kind": "ensemble", "members": [{"kind": "sentiment"}]}}})
+    assert isinstance(panel.judges.oracle, oracle_config.EnsembleOracleConfig)
+    assert isinstance(panel.judges.oracle.members[0], oracle_config.SentimentOracleConfig)
     with pytest.raises(ValueError, match="a NashMD is not an oracle config"):
         parse_oracle_config(NashMD(name="nash_md"))
