@@ -4,7 +4,8 @@ Work is sent as chunks, one call per chunk. A chunk whose actor dies (SIGKILL, n
 the role's timeout is never half-counted: it has no result, and it is sent again, whole, per the role's policy:
 
 - ``retry``: the actor is replaced by a fresh one of the same rank (brought to the current policy version by the
-  ``prepare`` hook) and the chunk goes to it; at most ``max_restarts`` replacements per role per campaign;
+  ``prepare`` hook) and the chunk goes to it; at most ``max_restarts`` replacements per role per campaign (a
+  replacement that dies while being prepared, e.g. placed on a lost node the GCS still counts, uses one more);
 - ``drop``: the actor leaves the pool and the chunk goes to a surviving member (the round is re-balanced);
 - ``abort``: the campaign stops with an error naming the role.
 
@@ -100,14 +101,23 @@ class ActorPool:
         if self.policy == "drop":
             log.warning("%s: dropped, its work goes to the %d others", message, len(self.members))
             return
-        if self.restarts >= self.max_restarts:
-            raise RoleFailure(f"{message}; {self.role}.max_restarts={self.max_restarts} already used")
-        self.restarts += 1
-        log.warning("%s: replaced (restart %d of %d)", message, self.restarts, self.max_restarts)
-        replacement = self.create(rank)
-        if self.prepare is not None:
-            self.prepare(replacement)
-        self.members[rank] = replacement
+        while True:
+            if self.restarts >= self.max_restarts:
+                raise RoleFailure(f"{message}; {self.role}.max_restarts={self.max_restarts} already used")
+            self.restarts += 1
+            log.warning("%s: replaced (restart %d of %d)", message, self.restarts, self.max_restarts)
+            replacement = self.create(rank)
+            try:
+                if self.prepare is not None:
+                    self.prepare(replacement)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                # The replacement died too: after a node is lost, Ray can place it on that node before the GCS
+                # has noticed the loss (its health checks take seconds). It counts as one more failure.
+                ray.kill(replacement, no_restart=True)
+                message = f"{self.role} {rank}'s replacement died: {_brief(err)}"
+                continue
+            self.members[rank] = replacement
+            return
 
     def shutdown(self) -> None:
         import ray
