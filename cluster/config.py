@@ -323,6 +323,9 @@ class ScheduleConfig(Strict):
 class StorageConfig(Strict):
     run_dir: str = Field("runs/{time}", description='the run directory; "{time}" becomes the start time')
     keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: int = Field(1, ge=1, description="write the learner's checkpoint every N rounds (and after the "
+                                  "last); a resume trains the rounds after the newest one again from their persisted "
+                                  "datasets")
 
 
 class EvaluationConfig(Strict):

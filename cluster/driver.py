@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -43,7 +42,7 @@ from nashray.layout import (DATASET_DONE, CampaignState, RunDir, atomic_write_by
                             newest_checkpoint, read_table, write_table)
 from nashray.trainers.algorithms import get_algorithm
 from nashray.trainers.checkpoints import validate_checkpoint
-from nashray.trainers.learner import Learner
+from nashray.trainers.learner import Learner, round_shards
 from nashray.trainers.pairs import cyclic_triads
 
 
@@ -215,21 +214,21 @@ class Campaign:
                                f"{metrics['judge_dropped']} dropped, {len(records)} records, "
                                f"{metrics['stale_records_dropped']} more than schedule.max_staleness="
                                f"{cfg.schedule.max_staleness} versions old); see {judgements_path}")
-        dataset = self._persist_dataset(fresh, run.train_dir(t))
+        shards = self._persist_dataset(fresh, run.train_dir(t))
         metrics["prepare_s"] = timer() - prepare_start
         metrics["generator_restarts"] = roles.generators.restarts - restarts[0]
         metrics["judge_restarts"] = roles.judges.restarts - restarts[1]
-        return metrics, dataset
+        return metrics, shards
 
     def train_and_push(self, roles: Roles, t: int, prepared: tuple[dict, object], ahead=None) -> dict:
         """Train round t on its prepared (metrics, dataset); once ``ahead`` (the next round's preparation, running
         meanwhile on the generators and judges) is done, push the new policy to every generator and evaluate it."""
         cfg, progress, timer = self.cfg, self.progress, time.perf_counter
-        metrics, dataset = dict(prepared[0]), prepared[1]
+        metrics, shards = dict(prepared[0]), prepared[1]
         version, start = metrics["version"], timer()
+        checkpoint = (t + 1) % cfg.storage.checkpoint_every == 0 or t == cfg.schedule.rounds - 1
         with progress.phase("train", t) as ph:  # a round whose checkpoint is complete is not trained again
-            result = roles.learner.train_round(t, dataset.split(cfg.learner.workers, equal=True),
-                                               self.run.checkpoint_dir(t), version + 1)
+            result = roles.learner.train_round(t, shards, self.run.checkpoint_dir(t), version + 1, checkpoint)
             ph.done(f"loss {result.metrics['loss']:.4f}")
         metrics["train_phase_s"] = timer() - start
         weights, probe = result.weights, result.probe
@@ -249,8 +248,9 @@ class Campaign:
                 ph.done(_eval_summary(metrics))
         return metrics
 
-    def _persist_dataset(self, records: list[dict], train_dir: Path):
-        """The round's training data as a Ray Data dataset, written as parquet before any training starts."""
+    def _persist_dataset(self, records: list[dict], train_dir: Path) -> list:
+        """The round's training data as a Ray Data dataset, written as parquet before any training starts; returns
+        it split into one shard per learner worker."""
         if not (train_dir / DATASET_DONE).exists():
             tmp = train_dir.with_name(train_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -262,7 +262,7 @@ class Campaign:
             tmp.rename(train_dir)
         # The files are read here and handed over as one materialized dataset: a round's records are megabytes, and
         # `read_parquet` + `split` costs a 4-5 s execution per round on a small cluster, more than training them.
-        return ray.data.from_arrow(pq.read_table(train_dir))
+        return round_shards(train_dir, self.cfg.learner.workers)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, roles: Roles, push) -> dict:
@@ -312,8 +312,9 @@ class Campaign:
         """The rounds, one after another; with ``schedule.async_rounds``, round t+1 is generated and judged by π_t
         on the generators and judges while the learner trains round t (one-step-off)."""
         cfg, run = self.cfg, self.run
-        if state.checkpoint:  # generators start from the base model: bring them to the resumed version
-            push_weights(roles, roles.learner.current_weights(state.version), state.version)
+        if state.rounds_completed:  # generators start from the base model: bring them to the resumed version
+            push_weights(roles, roles.learner.current_weights(state.version, state.rounds_completed - 1),
+                         state.version)
         elif cfg.evaluation.every_rounds:
             ensure_baseline(self.cfg, self.run, self.split.eval, roles)
         overlap = ThreadPoolExecutor(1, thread_name_prefix="nashray-next-round") if cfg.schedule.async_rounds else None
@@ -327,8 +328,12 @@ class Campaign:
                 metrics = self.train_and_push(roles, t, prepared, ahead)
                 prepared = ahead.result() if ahead is not None else None
                 metrics["round_s"] = time.perf_counter() - start
+                if t == cfg.schedule.rounds - 1:  # the learner is done: its last checkpoint is written when it stops
+                    roles.learner.shutdown()
+                # A round's checkpoint is written while the next round runs: state.json names the newest complete one.
+                newest = newest_checkpoint(run.checkpoints_root)
                 state = CampaignState(rounds_completed=t + 1, version=state.version + 1,
-                                      checkpoint=str(run.checkpoint_dir(t)))
+                                      checkpoint=str(newest) if newest is not None else None)
                 atomic_write_json(run.round_metrics_path(t), metrics)
                 run.record_metrics(metrics)
                 self.loggers.log_round(metrics)  # RUN_DIR/tb/, W&B, MLflow: views of metrics.jsonl
@@ -365,9 +370,10 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         cfg = load_config(run.config_path, overrides)
         run.check_writable()
         state = run.read_state()
-        if state.checkpoint and not run.complete_checkpoint(state.rounds_completed - 1):
-            raise RuntimeError(f"{run.root}: state.json names checkpoint {state.checkpoint}, which is incomplete")
-        for checkpoint in {newest_checkpoint(run.checkpoints_root), state.checkpoint} - {None}:
+        # The learner resumes from the newest complete checkpoint and trains the rounds after it again from their
+        # datasets; a torn newer one (cut off while written in the background) is ignored.
+        checkpoint = newest_checkpoint(run.checkpoints_root)
+        if checkpoint is not None:
             validate_checkpoint(checkpoint, cfg)  # names the bad file before any actor starts
         if overrides:  # the resumed config, e.g. with more generators, is the one in force from now on
             atomic_write_bytes(run.config_path, dump_config(cfg).encode())

@@ -61,7 +61,7 @@ from nashray.cluster.actor_pool import ActorPool
 from nashray.cluster.config import CampaignConfig
 from nashray.cluster.placement import actor_options
 from nashray.cluster.roles import Roles, generate, judge
-from nashray.layout import RunDir, atomic_write_json, read_table, write_table
+from nashray.layout import RunDir, atomic_write_json, newest_checkpoint, read_table, write_table
 from nashray.oracles import games
 from nashray.oracles.config import parse_oracle_config
 from nashray.oracles.rules import build_rule
@@ -390,10 +390,10 @@ def checkpoint_or_model(path: str) -> str:
     (a checkpoint folder, an HF folder or id, ``smollm2-135m-instruct``) is passed through."""
     folder = Path(path).expanduser()
     if RunDir(folder).state_path.is_file():
-        state = RunDir(folder).read_state()
-        if not state.checkpoint:
-            raise ValueError(f"run directory {folder} has no checkpoint yet (no round finished)")
-        return state.checkpoint
+        checkpoint = newest_checkpoint(RunDir(folder).checkpoints_root)
+        if checkpoint is None:
+            raise ValueError(f"run directory {folder} has no checkpoint yet (no round checkpointed)")
+        return str(checkpoint)
     return path
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tabular_config(tmp_path: Path, rounds: int) -> Path:
+def tabular_config(tmp_path: Path, rounds: int, **storage) -> Path:
     cfg = {
         "seed": 0,
         "algorithm": {"name": "inpo"},
@@ -33,7 +33,7 @@ def tabular_config(tmp_path: Path, rounds: int) -> Path:
                     "threads_per_worker": 1, "optimizer": {"name": "adam", "lr": 0.05}},
         "data": {"game": "builtin:random10"},
         "schedule": {"rounds": rounds, "prompts_per_round": 1, "samples_per_prompt": 24},
-        "storage": {"run_dir": str(tmp_path / "run")},
+        "storage": {"run_dir": str(tmp_path / "run"), **storage},
     }
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -111,6 +111,34 @@ def test_resume_after_kills_during_and_between_rounds(tmp_path):
             tmp_path / f"whole/run/rounds/{t:04d}/samples.parquet"), f"round {t} samples"
         for key in ("loss", "steps", "train_records", "exploitability", "regularized_exploitability"):
             assert metrics[t][key] == reference[t][key], (t, key, metrics[t][key], reference[t][key])
+
+
+def test_resume_with_sparse_checkpoints_trains_the_rounds_after_the_newest_again_from_their_data(tmp_path):
+    """storage.checkpoint_every=2: checkpoints after rounds 1, 3 and the last (4). Killed once round 2 has completed
+    (no checkpoint of it), the resumed learner starts from round 1's checkpoint and trains round 2 again from its
+    persisted dataset, to exactly the loss it had (fp32, same batches, same seeds), before round 3; nothing is sampled
+    or judged again and every round is recorded once."""
+    config = tabular_config(tmp_path, rounds=5, checkpoint_every=2, keep_checkpoints=5)
+    run = tmp_path / "run"
+    proc = start(str(config))
+    kill_when(proc, lambda: rounds_completed(run) >= 3)
+    assert rounds_completed(run) == 3
+    persisted = {t: {name: digest(run / f"rounds/{t:04d}" / name) for name in ("samples.parquet", "judgements.parquet")}
+                 for t in range(3)}
+    assert not (run / "checkpoints/round-0002").exists()
+    proc = start("--resume", str(run))
+    assert proc.wait(timeout=600) == 0
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3, 4]
+    # Round 2 trained again, on resume, before round 3: to the loss it had, so the weights came out as they were.
+    assert metrics[3]["replayed_rounds"] == 1 and metrics[3]["replay_max_loss_diff"] == 0.0
+    assert all("replayed_rounds" not in m for i, m in enumerate(metrics) if i != 3)
+    for t, names in persisted.items():  # rounds 0-2 were never sampled or judged again
+        assert {name: digest(run / f"rounds/{t:04d}" / name) for name in names} == names
+    written = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert written == ["round-0001", "round-0003", "round-0004"], written
+    assert json.loads((run / "state.json").read_text())["checkpoint"] == str(run / "checkpoints" / "round-0004")
 
 
 def test_resumed_campaign_reuses_cached_judgements_within_budget(tmp_path, tiny_model_dir):

@@ -8,9 +8,11 @@ with a :class:`RoundResult`, :class:`SequenceLogprobs`, a :class:`~nashray.weigh
 :class:`BroadcastAddress`.
 
 One round on a worker: take its dataset shard; plan the epochs' micro-batches; compute the log-probs the algorithm
-needs before the first update (π_t, π_ref from a frozen copy or the policy with its adapters off); train; save the
-round's checkpoint; rank 0 then answers with the metrics and the encoded weights of version t+1, which the driver
-pushes to the generators.
+needs before the first update (π_t, π_ref from a frozen copy or the policy with its adapters off); train; rank 0
+answers with the metrics and the encoded weights of version t+1, which the driver pushes to the generators; then,
+every ``storage.checkpoint_every`` rounds, the round's checkpoint is written — while the driver pushes, evaluates and
+prepares the next round. Rounds the campaign finished after the newest complete checkpoint (not checkpointed, or
+cut off while writing) are trained again from their persisted datasets, with the same seeds, before anything else.
 
 A prompt's records are scored and trained together: with K samples judged all-pairs, K(K−1)/2 records share K
 sequences, and each distinct (prompt, response) goes through each pass (π_t, π_ref, each training epoch) once.
@@ -31,14 +33,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
+import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
 
 from nashray.cluster.config import CampaignConfig, LearnerConfig, OptimizerConfig
 from nashray.cluster.placement import learner_scaling
-from nashray.layout import ADAPTER_DIR, CHECKPOINT_DONE, DEEPSPEED_DIR, DEEPSPEED_TAG, RunDir, newest_checkpoint
+from nashray.layout import (ADAPTER_DIR, CHECKPOINT_DONE, DATASET_DONE, DEEPSPEED_DIR, DEEPSPEED_TAG, RunDir,
+                            newest_checkpoint)
 from nashray.models import load_causal_lm, load_tokenizer, resolve_precision
 from nashray.oracles.games import load_game
 from nashray.trainers.algorithms import Algorithm, get_algorithm
@@ -57,12 +62,13 @@ SCORE_CHUNK = 16  # sequences per forward of a ScoreSequences message: bounds th
 
 @dataclass(frozen=True)
 class TrainRound:
-    """Train round ``round`` on per-worker dataset shards, save its checkpoint in ``checkpoint_dir`` and publish the
-    new policy as ``version``."""
+    """Train round ``round`` on per-worker dataset shards and publish the new policy as ``version``; with
+    ``checkpoint``, then write the round's checkpoint to ``checkpoint_dir``."""
     round: int
     shards: list
     version: int
     checkpoint_dir: str
+    checkpoint: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,10 @@ class ScoreSequences:
 
 @dataclass(frozen=True)
 class PublishWeights:
-    """A push of the current weights (those the learner resumed from), labelled ``version``."""
+    """A push of the weights after round ``through_round`` (trained again from its data if the newest checkpoint is
+    older), labelled ``version``."""
     version: int
+    through_round: int
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ class OpenBroadcast:
 
 @dataclass(frozen=True)
 class Stop:
-    """End the training loop: the campaign is over."""
+    """End the training loop: the campaign is over. Answered once the last checkpoint is written."""
 
 
 Message = TrainRound | ScoreSequences | PublishWeights | OpenBroadcast | Stop
@@ -307,6 +315,12 @@ class RoundData:
 
     def tokens(self, idx) -> int:
         return sum(len(self.columns[c][i]) for c in ("prompt_ids", "a_ids", "b_ids", "x_ids") for i in idx)
+
+
+def round_shards(train_dir: Path, workers: int) -> list:
+    """A round's persisted training dataset, one equal shard per learner worker. The driver hands these to the
+    learner, and a worker training the round again later splits the same files the same way."""
+    return ray.data.from_arrow(pq.read_table(train_dir)).split(workers, equal=True)
 
 
 def prompt_groups(prompt_ids: list[list[int]]) -> list[np.ndarray]:
@@ -557,7 +571,7 @@ class WorkerSetup:
     cfg: CampaignConfig
     mailbox: str          # the mailbox actor's name, in ``namespace``
     namespace: str
-    checkpoints: str      # RUN_DIR/checkpoints: a (re)started worker resumes from the newest complete one
+    run_root: str         # the run directory: checkpoints to resume from, rounds' datasets to train again
     threads: int
 
 
@@ -568,7 +582,8 @@ class LearnerWorker:
     def __init__(self, setup: WorkerSetup, rank: int, world_size: int):
         import deepspeed
         cfg = self.cfg = setup.cfg
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
+        self.run = RunDir(setup.run_root)
         torch.set_num_threads(setup.threads)
         torch.manual_seed(cfg.seed + rank)  # LoRA adapters' initialisation
         self.algorithm = get_algorithm(cfg.algorithm.name)
@@ -580,10 +595,13 @@ class LearnerWorker:
                                                config=deepspeed_config(cfg.learner, world_size))
         self.reference = reference if reference is not None else AdaptersOff(self.engine)
         # The newest complete round checkpoint, looked up at every (re)start: after Ray Train restarts a failed worker
-        # group, the workers continue from the last round that finished, not from where the campaign began.
-        resume_from = newest_checkpoint(Path(setup.checkpoints))
+        # group, the workers continue from the last round checkpointed, not from where the campaign began.
+        resume_from = newest_checkpoint(self.run.checkpoints_root)
+        self.trained_through = -1  # the last round the engine's weights include
         if resume_from is not None:
             load_deepspeed_state(self.engine, resume_from)  # weights-only unpickling: a planted file runs nothing
+            self.trained_through = json.loads((resume_from / CHECKPOINT_DONE).read_text())["round"]
+        self.replayed: list[tuple[int, float]] = []  # (round, |loss trained again − loss recorded|), not yet reported
         self.transport = ObjectStoreTransport()
 
     def serve(self, mailbox) -> None:
@@ -595,7 +613,9 @@ class LearnerWorker:
             message = ray.get(mailbox.next_message.remote(seq))
             if message is None:
                 continue
-            if isinstance(message, Stop):
+            if isinstance(message, Stop):  # every earlier message, checkpoint writes included, is done
+                if self.rank == 0:
+                    ray.get(mailbox.answer.remote(seq, None))
                 return
             try:
                 handlers[type(message)](message, lambda answer, seq=seq: ray.get(mailbox.answer.remote(seq, answer)))
@@ -609,29 +629,57 @@ class LearnerWorker:
     def train_round(self, message: TrainRound, reply) -> None:
         checkpoint_dir = Path(message.checkpoint_dir)
         done = checkpoint_dir / CHECKPOINT_DONE
-        if done.is_file():  # finished before a restart: the engine was just loaded from it; never train twice
+        written = done.is_file()
+        if written:  # finished before a restart: the engine was just loaded from it; never train twice
             metrics, probe = read_finished_round(done)
-            state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
         else:
-            # The round's data order and torch draws depend on (seed, rank, round) alone, not on how many rounds
-            # this process has trained: a round trained again after a restart takes the same batches in order.
-            rng = np.random.default_rng([self.cfg.seed, self.rank, message.round])
-            torch.manual_seed(int(rng.integers(2 ** 63)))
-            metrics, probe = self._train(message, rng)
-            state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
-            save_checkpoint(self.engine, state, self.tokenizer, checkpoint_dir, self.rank, message.round, metrics,
-                            probe)
+            self.catch_up(message.round - 1)
+            metrics, probe = self._train(message.round, message.shards[self.rank], message.version)
+        self.trained_through = message.round
+        state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
         if self.rank == 0:
             t0 = time.perf_counter()
             push = self.transport.publish(state, message.version)
-            metrics = {**metrics, "encode_s": time.perf_counter() - t0, "weights_nbytes": push.nbytes}
+            metrics = {**metrics, "encode_s": time.perf_counter() - t0, "weights_nbytes": push.nbytes,
+                       **self._replay_metrics()}
             reply(RoundResult(metrics, push, probe))
             self.transport.deliver()  # a broadcast completes once the driver hands the push to the generators
+        if message.checkpoint and not written:  # off the critical path: the driver goes on meanwhile
+            save_checkpoint(self.engine, state, self.tokenizer, checkpoint_dir, self.rank, message.round, metrics,
+                            probe)
 
-    def _train(self, message: TrainRound, rng: np.random.Generator) -> tuple[dict, Probe]:
+    def catch_up(self, through: int) -> None:
+        """Train again, from their persisted datasets, the rounds up to ``through`` that the campaign finished after
+        the newest complete checkpoint (``storage.checkpoint_every`` > 1, a checkpoint cut off while it was written,
+        a restarted worker group). Same data, same order, same seeds: the weights come out as they were."""
+        for t in range(self.trained_through + 1, through + 1):
+            train_dir = self.run.train_dir(t)
+            if not (train_dir / DATASET_DONE).is_file():
+                raise RuntimeError(f"round {t} must be trained again from {train_dir}, which is incomplete or missing: "
+                                   f"its newest checkpoint is older (storage.checkpoint_every) and the round's data "
+                                   f"is gone")
+            metrics, _ = self._train(t, round_shards(train_dir, self.world_size)[self.rank], t + 1)
+            recorded = self.run.round_metrics_path(t)
+            loss = json.loads(recorded.read_text())["loss"] if recorded.is_file() else math.nan
+            self.replayed.append((t, abs(metrics["loss"] - loss)))
+            self.trained_through = t
+
+    def _replay_metrics(self) -> dict:
+        """What ``catch_up`` did since the last answer: rounds trained again, and how far their losses were from the
+        ones recorded the first time (0 when the weights came out as they were)."""
+        if not self.replayed:
+            return {}
+        replayed, self.replayed = self.replayed, []
+        return {"replayed_rounds": len(replayed), "replay_max_loss_diff": max(diff for _, diff in replayed)}
+
+    def _train(self, round_index: int, shard, version: int) -> tuple[dict, Probe]:
+        # The round's data order and torch draws depend on (seed, rank, round) alone, not on how many rounds this
+        # process has trained: a round trained again after a restart takes the same batches in order.
+        rng = np.random.default_rng([self.cfg.seed, self.rank, round_index])
+        torch.manual_seed(int(rng.integers(2 ** 63)))
         start = time.perf_counter()
-        data = RoundData.from_shard(message.shards[self.rank])
-        plan = plan_round(data, self.algorithm, self.cfg, message.version, rng)
+        data = RoundData.from_shard(shard)
+        plan = plan_round(data, self.algorithm, self.cfg, version, rng)
         self.engine.eval()
         with torch.no_grad():
             fixed = fixed_logprobs(plan, data, self.algorithm, self.scorer, self.engine, self.reference,
@@ -662,6 +710,7 @@ class LearnerWorker:
             reply(SequenceLogprobs(policy, reference))
 
     def publish_weights(self, message: PublishWeights, reply) -> None:
+        self.catch_up(message.through_round)
         state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
         if self.rank == 0:
             reply(self.transport.publish(state, message.version))
@@ -709,7 +758,7 @@ class Learner:
         self.world_size = cfg.learner.workers
         mailbox_name = f"nashray-learner-mailbox-{os.getpid()}-{time.time_ns()}"
         self.mailbox = ray.remote(LearnerMailbox).options(name=mailbox_name, num_cpus=0, max_concurrency=64).remote()
-        setup = WorkerSetup(cfg, mailbox_name, ray.get_runtime_context().namespace, str(run.checkpoints_root),
+        setup = WorkerSetup(cfg, mailbox_name, ray.get_runtime_context().namespace, str(run.root),
                             cfg.learner.threads_per_worker or max(1, int(cfg.learner.resources.num_cpus)))
         self.trainer = TorchTrainer(
             learner_loop,
@@ -730,18 +779,21 @@ class Learner:
         except BaseException as err:  # surfaced by the next call
             self._failure = err
 
-    def train_round(self, round_index: int, shards: list, checkpoint_dir: Path, version: int) -> RoundResult:
+    def train_round(self, round_index: int, shards: list, checkpoint_dir: Path, version: int,
+                    checkpoint: bool = True) -> RoundResult:
         """Train one round on per-worker dataset shards (one per worker); the result carries the push of the new
-        policy ``version``."""
-        return self._ask(TrainRound(round_index, shards, version, str(checkpoint_dir)), f"finishing round {round_index}")
+        policy ``version``. With ``checkpoint``, the round's checkpoint is written after the answer."""
+        return self._ask(TrainRound(round_index, shards, version, str(checkpoint_dir), checkpoint),
+                         f"finishing round {round_index}")
 
     def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> SequenceLogprobs:
         """log π_θ and log π_ref of fixed sequences, both computed by the learner with the same numerics."""
         return self._ask(ScoreSequences(prompt_ids, response_ids), "scoring sequences")
 
-    def current_weights(self, version: int) -> WeightPush:
-        """A push of the learner's current weights (those it resumed from), labelled ``version``."""
-        return self._ask(PublishWeights(version), "publishing its weights")
+    def current_weights(self, version: int, through_round: int) -> WeightPush:
+        """A push of the policy after round ``through_round``, labelled ``version``: on resume, the learner's
+        checkpoint weights brought forward through any rounds finished after it."""
+        return self._ask(PublishWeights(version, through_round), "publishing its weights")
 
     def open_broadcast(self, generators: int, backend: str, timeout_s: float) -> BroadcastAddress:
         """Start the weight broadcast group (learner rank 0 + ``generators``), which every generator must join
@@ -780,7 +832,9 @@ class Learner:
 
     def shutdown(self, timeout_s: float = 60) -> None:
         if self._thread.is_alive():
-            ray.get(self.mailbox.post.remote(self._seq, Stop()))
-            self._seq += 1
+            try:  # answered once the last checkpoint is written
+                self._ask(Stop(), "stopping")
+            except (RuntimeError, TimeoutError):  # a learner that failed: nothing left to wait for
+                pass
             self._thread.join(timeout_s)
         ray.kill(self.mailbox)
