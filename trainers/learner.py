@@ -39,6 +39,7 @@ import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from nashray.cluster.config import CampaignConfig, LearnerConfig, OptimizerConfig
 from nashray.cluster.placement import learner_scaling
@@ -757,7 +758,11 @@ class Learner:
         self.timeout_s = cfg.learner.timeout_s
         self.world_size = cfg.learner.workers
         mailbox_name = f"nashray-learner-mailbox-{os.getpid()}-{time.time_ns()}"
-        self.mailbox = ray.remote(LearnerMailbox).options(name=mailbox_name, num_cpus=0, max_concurrency=64).remote()
+        # On the driver's node: a 0-CPU actor placed by default may land on any worker node, and the learner must not
+        # depend on a node other than its own and the driver's (a lost inference host would take its mailbox along).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.mailbox = ray.remote(LearnerMailbox).options(name=mailbox_name, num_cpus=0, max_concurrency=64,
+                                                          scheduling_strategy=here).remote()
         setup = WorkerSetup(cfg, mailbox_name, ray.get_runtime_context().namespace, str(run.root),
                             cfg.learner.threads_per_worker or max(1, int(cfg.learner.resources.num_cpus)))
         self.trainer = TorchTrainer(
