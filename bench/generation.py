@@ -107,7 +107,7 @@ def main() -> None:
         before = ray.get(generator.stats.remote())["busy_s"]
         cpu_before = actor_cpu_seconds(generator) + cpu_seconds()
         start = time.perf_counter()
-        samples = generate(roles, prompts, args.k, "policy")
+        samples = generate(roles, prompts, args.k, "policy", seed=None)
         wall = time.perf_counter() - start
         cpu = cpu_seconds() + actor_cpu_seconds(generator) - cpu_before
         busy = ray.get(generator.stats.remote())["busy_s"] - before

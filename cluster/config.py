@@ -305,6 +305,17 @@ class DataConfig(Strict):
     # 0.17 holds out 8 of builtin:demo's 48 prompts: as many as evaluation.prompts evaluates by default.
     eval_fraction: float = Field(0.17, ge=0, lt=1)
     shuffle_seed: int = 0
+    streaming: bool = Field(False, description="read prompts through Ray Data into parquet shards in RUN_DIR/prompts "
+                                               "once, so the driver never holds the set (for sets of millions)")
+
+    @model_validator(mode="after")
+    def _streamable(self) -> "DataConfig":
+        if self.streaming and (self.game is not None or self.prompts == "builtin:demo"
+                               or self.prompts.lower().endswith(".json")):
+            source = f"data.game {self.game!r}" if self.game is not None else f"data.prompts {self.prompts!r}"
+            raise ValueError(f"data.streaming reads a .jsonl or .parquet file or folder, builtin:instructions or an "
+                             f"hf: dataset, not {source}: set data.streaming to false")
+        return self
 
 
 class ScheduleConfig(Strict):
@@ -326,6 +337,8 @@ class StorageConfig(Strict):
     checkpoint_every: int = Field(1, ge=1, description="write the learner's checkpoint every N rounds (and after the "
                                   "last); a resume trains the rounds after the newest one again from their persisted "
                                   "datasets")
+    min_free_gib: float = Field(1.0, ge=0, description="free space the run directory's filesystem must have before "
+                                "each round; under it the campaign stops, resumable, before writing anything")
 
 
 class EvaluationConfig(Strict):

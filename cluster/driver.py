@@ -35,11 +35,13 @@ from nashray.cluster.evaluation import ensure_baseline, evaluate_round
 from nashray.cluster.metrics import RoundLoggers
 from nashray.cluster.placement import actor_options, check_placeable
 from nashray.cluster.progress import Progress
-from nashray.cluster.prompts import PromptSplit, check_prompts_fit_model, load_prompts, split_campaign_prompts
+from nashray.cluster.prompts import (PromptSplit, check_prompts_fit_model, load_prompts, split_campaign_prompts,
+                                     stream_prompts)
 from nashray.cluster.ray_util import init_local_ray
-from nashray.cluster.roles import Roles, generate, judge, push_weights, score_comparisons, verify_push
-from nashray.layout import (DATASET_DONE, CampaignState, RunDir, atomic_write_bytes, atomic_write_json,
-                            newest_checkpoint, read_table, write_table)
+from nashray.cluster.roles import (Roles, generate, judge, push_weights, round_seed, score_comparisons,
+                                   verify_push)
+from nashray.layout import (DATASET_DONE, CampaignState, RunDir, RunDirError, atomic_write_bytes,
+                            atomic_write_json, newest_checkpoint, read_table, write_table)
 from nashray.trainers.algorithms import get_algorithm
 from nashray.trainers.checkpoints import validate_checkpoint
 from nashray.trainers.learner import Learner, round_shards
@@ -53,11 +55,6 @@ def panel_member_names(oracle) -> list[str]:
     if oracle.kind != "ensemble":
         return []
     return [f"{i}:{getattr(m, 'rule', None) or m.kind}" for i, m in enumerate(oracle.members)]
-
-
-def round_seed(cfg: CampaignConfig, t: int, stream: str) -> int:
-    """Round t's seed for one random stream (the judges' draws)."""
-    return int(np.random.SeedSequence([cfg.seed, t, *stream.encode()]).generate_state(1)[0])
 
 
 def judge_round(roles: Roles, cfg: CampaignConfig, algorithm, by_prompt: dict[str, list[dict]],
@@ -141,11 +138,19 @@ class Campaign:
         self.loggers = RoundLoggers(cfg, run.root)
         self.tabular = cfg.generators.engine == "tabular"
         self.panel_members = panel_member_names(cfg.judges.oracle)
-        source = f"game:{cfg.data.game}" if self.tabular else cfg.data.prompts
-        prompts = load_prompts(source, cfg.data.prompt_field, cfg.data.split)
-        if not self.tabular:
-            check_prompts_fit_model(prompts, cfg, source)  # before any generation is paid for
-        self.split: PromptSplit = split_campaign_prompts(prompts, cfg, source)
+        self.source = f"game:{cfg.data.game}" if self.tabular else cfg.data.prompts
+        self.split: PromptSplit | None = None
+        if not cfg.data.streaming:  # a streamed set is read by Ray Data, once Ray is up: stream_prompts()
+            prompts = load_prompts(self.source, cfg.data.prompt_field, cfg.data.split)
+            if not self.tabular:
+                check_prompts_fit_model(prompts, cfg, self.source)  # before any generation is paid for
+            self.split = split_campaign_prompts(prompts, cfg, self.source)
+
+    def stream_prompts(self) -> None:
+        """data.streaming: the prompt set read through Ray Data into RUN_DIR/prompts (once; a resume reopens it),
+        checked row by row as in memory, before any generation is paid for."""
+        sharded = stream_prompts(self.cfg, self.source, self.run.prompts_dir)
+        self.split = split_campaign_prompts(sharded, self.cfg, self.source)
 
     # ---------------------------------------------------------------- one round
     def prepare(self, roles: Roles, t: int, train_version: int) -> tuple[dict, object]:
@@ -169,12 +174,15 @@ class Campaign:
                 # Asynchronous rounds train on these samples after the learner has moved on: the generators also
                 # score them under the policy that drew them, which the losses then use as π_t.
                 score = cfg.schedule.async_rounds and cfg.schedule.async_anchor == "generator"
-                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", score)
+                # Seeded per round and source: a resumed round, or one sampled by a replaced generator, draws what
+                # the uninterrupted campaign drew.
+                samples = generate(roles, prompts, cfg.schedule.samples_per_prompt, "policy", score,
+                                   seed=round_seed(cfg, t, "policy"))
                 if algo.ref_samples:
-                    samples += generate(roles, prompts, algo.ref_samples, "ref")
+                    samples += generate(roles, prompts, algo.ref_samples, "ref", seed=round_seed(cfg, t, "ref"))
                 if algo.mixture_samples:
                     samples += generate(roles, prompts, cfg.schedule.samples_per_prompt * algo.mixture_samples,
-                                        "mixture")
+                                        "mixture", seed=round_seed(cfg, t, "mixture"))
                 metrics["generate_s"] = timer() - t0
                 metrics["generated_tokens"] = sum(len(s["response_ids"]) for s in samples)
                 metrics["generate_tokens_per_s"] = metrics["generated_tokens"] / max(metrics["generate_s"], 1e-9)
@@ -321,6 +329,9 @@ class Campaign:
         prepared = None
         try:
             for t in range(state.rounds_completed, cfg.schedule.rounds):
+                stop = storage_stop(run, cfg.storage.min_free_gib)
+                if stop is not None:
+                    raise stop
                 start = time.perf_counter()
                 prepared = prepared or self.prepare(roles, t, state.version)
                 ahead = (overlap.submit(self.prepare, roles, t + 1, state.version + 1)
@@ -368,7 +379,7 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
     if resume:
         run = RunDir(resume)
         cfg = load_config(run.config_path, overrides)
-        run.check_writable()
+        run.check_writable(cfg.storage.min_free_gib)
         state = run.read_state()
         # The learner resumes from the newest complete checkpoint and trains the rounds after it again from their
         # datasets; a torn newer one (cut off while written in the background) is ignored.
@@ -382,7 +393,7 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
         # "{time}" in storage.run_dir gives every new campaign its own folder (the demo's default).
         cfg.storage.run_dir = cfg.storage.run_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
         run = RunDir(cfg.storage.run_dir)
-        run.create(dump_config(cfg))
+        run.create(dump_config(cfg), cfg.storage.min_free_gib)
         state = run.read_state()
     campaign = Campaign(cfg, run, progress)
     log_dir = run.logs_dir
@@ -393,12 +404,46 @@ def run_campaign(config_path: str | None = None, resume: str | None = None, over
     init_local_ray(num_cpus=_local_cpus(cfg), object_store_gib=cfg.cluster.object_store_gib,
                    address=cfg.cluster.address, bind_host=cfg.cluster.bind_host, log_to_driver=console is None)
     link_ray_logs(log_dir)
+    if cfg.data.streaming:
+        campaign.stream_prompts()
     roles = campaign.start_roles(state)
     try:
         campaign.run_rounds(roles, state)
+    except Exception as err:
+        stop = storage_stop(run, cfg.storage.min_free_gib, err)
+        if stop is None:
+            raise
+        raise stop from err
     finally:
         roles.shutdown()
     return run
+
+
+def storage_stop(run: RunDir, min_free_gib: float, err: Exception | None = None) -> RunDirError | None:
+    """The error that stops a campaign whose run directory can no longer take its files (full, read-only), naming
+    the directory and, for ``err`` (a round that failed writing), the file; None while the directory is usable. What
+    was persisted stays valid (every file is written whole or not at all), so the campaign resumes once it is."""
+    try:
+        run.check_writable(min_free_gib)
+    except RunDirError as problem:
+        failed = _failed_write(err)
+        where = f"; the round stopped writing {failed.filename}: {failed.strerror}" \
+            if failed is not None and failed.filename else ""
+        return RunDirError(f"{problem}{where}. Nothing persisted is lost: free space (or make it writable) and "
+                           f"resume with `nashray run --resume {run.root}`")
+    return None
+
+
+def _failed_write(err: BaseException | None) -> OSError | RunDirError | None:
+    """The outermost error behind ``err`` that names a file (an atomic write's target before its temporary file),
+    through exception chains and Ray's task and actor errors."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (OSError, RunDirError)) and err.filename:
+            return err
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
 
 
 def _local_cpus(cfg: CampaignConfig) -> int:

@@ -60,7 +60,7 @@ from nashray.actors.judge import JudgeActor
 from nashray.cluster.actor_pool import ActorPool
 from nashray.cluster.config import CampaignConfig
 from nashray.cluster.placement import actor_options
-from nashray.cluster.roles import Roles, generate, judge
+from nashray.cluster.roles import Roles, generate, judge, round_seed
 from nashray.layout import RunDir, atomic_write_json, newest_checkpoint, read_table, write_table
 from nashray.oracles import games
 from nashray.oracles.config import parse_oracle_config
@@ -247,7 +247,7 @@ def ensure_baseline(cfg: CampaignConfig, run: RunDir, eval_prompts: list, roles:
     if path.exists() or cfg.generators.engine == "tabular" or not eval_prompts or not cfg.evaluation.prompts:
         return
     prompts = [p.as_dict() for p in eval_prompts[:cfg.evaluation.prompts]]
-    baseline = generate(roles, prompts, 1, "policy")
+    baseline = generate(roles, prompts, 1, "policy", seed=round_seed(cfg, 0, "baseline"))
     scored = [s for s in baseline if s["response_ids"]]
     ref = dict(zip(((s["prompt_id"]) for s in scored), _learner_logprobs(roles, scored).reference))
     for sample in baseline:
@@ -292,7 +292,7 @@ def evaluate_round(cfg: CampaignConfig, run: RunDir, roles: Roles, push) -> dict
     baseline = read_table(path)
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     current = generate(roles, [{k: b[k] for k in ("prompt_id", "prompt", "messages") if k in b} for b in baseline], 1,
-                       "policy")
+                       "policy", seed=round_seed(cfg, push.version, "evaluation"))
     by_id = {s["prompt_id"]: s for s in current}
     answers = [by_id[b["prompt_id"]] for b in baseline]
     comparisons = [{"prompt": b["prompt"], "a": s["response"], "b": b["response"]} for b, s in zip(baseline, answers)]

@@ -6,14 +6,18 @@ Bad rows fail at load with the file and row that are wrong, before any generatio
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from nashray.layout import atomic_write_json
 from nashray.models import load_tokenizer, resolve_model_path
 from nashray.oracles.games import load_game
 
@@ -129,6 +133,13 @@ def load_prompts(source: str, field: str = "prompt", split: str = "train") -> li
 def _rows_from_hf(name: str, split: str, field: str) -> list[dict]:
     """The rows (``field`` and ``prompt_id`` columns) of ``split`` of a folder written by ``save_to_disk`` or, when
     ``name`` is no existing path, of the hub dataset ``name``."""
+    dataset = _hf_dataset(name, split, field, streaming=False)
+    return dataset.select_columns([c for c in (field, "prompt_id") if c in dataset.column_names]).to_list()
+
+
+def _hf_dataset(name: str, split: str, field: str, streaming: bool):
+    """``split`` of the saved folder or hub dataset ``name``, checked to hold ``field``; a hub dataset is opened as an
+    ``IterableDataset`` when ``streaming``."""
     if not name:
         raise PromptDataError("data.prompts 'hf:' names no dataset: use hf:HUB_ID or hf:FOLDER")
     try:
@@ -153,16 +164,17 @@ def _rows_from_hf(name: str, split: str, field: str) -> list[dict]:
         else:
             dataset = loaded
     else:
-        dataset = _load_hub_dataset(datasets, name, split)
-    if field not in dataset.column_names:
+        dataset = _load_hub_dataset(datasets, name, split, streaming)
+    columns = dataset.column_names  # None for a streamed dataset whose features the hub does not declare
+    if columns is not None and field not in columns:
         raise PromptDataError(f"hf dataset {name!r} split {split!r} has no column {field!r} (data.prompt_field); its "
-                              f"columns: {dataset.column_names}")
-    return dataset.select_columns([c for c in (field, "prompt_id") if c in dataset.column_names]).to_list()
+                              f"columns: {columns}")
+    return dataset
 
 
-def _load_hub_dataset(datasets, name: str, split: str):
+def _load_hub_dataset(datasets, name: str, split: str, streaming: bool):
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split, streaming=streaming)
     except (OSError, ValueError) as err:  # not found, unreachable, offline, gated (OSError); unknown split (ValueError)
         offline = " (HF_HUB_OFFLINE is set: only datasets in the local cache load)" \
             if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
@@ -175,25 +187,31 @@ def _prompts_from_rows(rows: list, where: str, field: str) -> list[Prompt]:
         raise PromptDataError(f"{where} holds no rows")
     prompts, seen = [], set()
     for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise PromptDataError(f"{where} row {number} is a {type(row).__name__}, not an object")
-        if field not in row:
-            raise PromptDataError(f"{where} row {number} has no field {field!r} (fields: {sorted(row)})")
-        value = row[field]
-        if isinstance(value, list):
-            messages = chat_messages(value, f"{where} row {number}: field {field!r}")
-            text, chat = render_chat(messages), json.dumps(messages, ensure_ascii=False)
-        elif isinstance(value, str) and value.strip():
-            text, chat = value, None
-        else:
-            raise PromptDataError(f"{where} row {number}: field {field!r} must be a non-empty string or a list of "
-                                  f"{{'role', 'content'}} messages, got {value!r:.60}")
-        prompt_id = f"row-{number}" if row.get("prompt_id") is None else str(row["prompt_id"])
-        if prompt_id in seen:
-            raise PromptDataError(f"{where} row {number}: duplicate prompt_id {prompt_id!r}")
-        seen.add(prompt_id)
-        prompts.append(Prompt(prompt_id, text, chat))
+        prompt = prompt_from_row(row, number, where, field)
+        if prompt.prompt_id in seen:
+            raise PromptDataError(f"{where} row {number}: duplicate prompt_id {prompt.prompt_id!r}")
+        seen.add(prompt.prompt_id)
+        prompts.append(prompt)
     return prompts
+
+
+def prompt_from_row(row, number: int, where: str, field: str) -> Prompt:
+    """Row ``number`` (from 1) of ``where`` as a prompt; its id is ``prompt_id`` or else ``row-NUMBER``."""
+    if not isinstance(row, dict):
+        raise PromptDataError(f"{where} row {number} is a {type(row).__name__}, not an object")
+    if field not in row:
+        raise PromptDataError(f"{where} row {number} has no field {field!r} (fields: {sorted(row)})")
+    value = row[field]
+    if isinstance(value, list):
+        messages = chat_messages(value, f"{where} row {number}: field {field!r}")
+        text, chat = render_chat(messages), json.dumps(messages, ensure_ascii=False)
+    elif isinstance(value, str) and value.strip():
+        text, chat = value, None
+    else:
+        raise PromptDataError(f"{where} row {number}: field {field!r} must be a non-empty string or a list of "
+                              f"{{'role', 'content'}} messages, got {value!r:.60}")
+    prompt_id = f"row-{number}" if row.get("prompt_id") is None else str(row["prompt_id"])
+    return Prompt(prompt_id, text, chat)
 
 
 def chat_messages(value: list, where: str) -> list[dict]:
@@ -242,27 +260,66 @@ def check_prompts_fit_model(prompts: list[Prompt], cfg, source: str) -> None:
     ``CampaignConfig``) cannot hold model.max_prompt_tokens plus generators.sampling.max_new_tokens, or when a prompt
     of ``source``, wrapped in the model's chat template as the generators wrap it, is longer than
     model.max_prompt_tokens (the error names the prompt)."""
+    check_model_context(cfg)
+    count = _token_counter(cfg.model.path)
+    for prompt in prompts:
+        check_prompt_length(prompt.prompt_id, count.tokens(prompt.chat()), cfg, source)
+
+
+def check_model_context(cfg) -> None:
     from transformers import AutoConfig
 
-    from nashray.actors.engines import chat_prompt_ids  # lazy: loads torch, which reading prompts does not need
     model, limit, new_tokens = cfg.model.path, cfg.model.max_prompt_tokens, cfg.generators.sampling.max_new_tokens
     base = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=cfg.model.trust_remote_code)
     context = getattr(base, "max_position_embeddings", None)
     if context is not None and limit + new_tokens + 1 > context:
         raise PromptDataError(f"model.max_prompt_tokens ({limit}) + generators.sampling.max_new_tokens ({new_tokens}) "
                               f"+ 1 exceeds the context of model {model!r} ({context} tokens)")
-    tokenizer = load_tokenizer(model)
-    for prompt in prompts:
-        n_tokens = len(chat_prompt_ids(tokenizer, prompt.chat()))
-        if n_tokens > limit:
-            raise PromptDataError(f"{source}: prompt {prompt.prompt_id!r} is {n_tokens} tokens with the chat "
-                                  f"template of {model!r}, over model.max_prompt_tokens = {limit}")
+
+
+def check_prompt_length(prompt_id: str, n_tokens: int, cfg, source: str) -> None:
+    if n_tokens > cfg.model.max_prompt_tokens:
+        raise PromptDataError(f"{source}: prompt {prompt_id!r} is {n_tokens} tokens with the chat template of "
+                              f"{cfg.model.path!r}, over model.max_prompt_tokens = {cfg.model.max_prompt_tokens}")
+
+
+class PromptTokenCounter:
+    """Prompt lengths in tokens as the generators see them (in the model's chat template)."""
+
+    def __init__(self, model: str):
+        from nashray.actors.engines import chat_prompt_ids  # lazy: loads torch, which reading prompts does not need
+        self._ids, self._tokenizer = chat_prompt_ids, load_tokenizer(model)
+
+    def tokens(self, chat: str | list[dict]) -> int:
+        return len(self._ids(self._tokenizer, chat))
+
+
+@functools.lru_cache(maxsize=2)
+def _token_counter(model: str) -> PromptTokenCounter:
+    return PromptTokenCounter(model)  # once per Ray worker process, which runs many batches
+
+
+def count_prompt_tokens(batch, model: str, field: str, json_lines: bool):
+    """A Ray Data map over a pyarrow batch of rows: adds their lengths in tokens as column ``prompt_tokens`` (-1 for a
+    row that is no prompt, which the driver then names). With ``json_lines`` a row is a line of a JSONL file
+    (``text``)."""
+    import pyarrow as pa
+
+    counter, counts = _token_counter(model), []
+    for row in batch.to_pylist():
+        try:
+            if json_lines:
+                row = json.loads(row["text"]) if row["text"].strip() else None
+            counts.append(-1 if row is None else counter.tokens(prompt_from_row(row, 0, "", field).chat()))
+        except (PromptDataError, json.JSONDecodeError):
+            counts.append(-1)
+    return batch.append_column("prompt_tokens", pa.array(counts, pa.int64()))
 
 
 @dataclass(frozen=True)
 class PromptSplit:
-    train: list[Prompt]
-    eval: list[Prompt]
+    train: Sequence[Prompt]
+    eval: Sequence[Prompt]
 
     def for_round(self, t: int, n: int) -> list[Prompt]:
         """Round t's prompts: the train split read in order from cursor t·n, wrapping into a new epoch at its end.
@@ -270,20 +327,191 @@ class PromptSplit:
         return [self.train[(t * n + i) % len(self.train)] for i in range(n)]
 
 
-def split_prompts(prompts: list[Prompt], eval_fraction: float, seed: int, source: str = "the source") -> PromptSplit:
+def split_prompts(prompts: Sequence[Prompt], eval_fraction: float, seed: int,
+                  source: str = "the source") -> PromptSplit:
     """A fixed permutation of ``prompts`` by ``seed``: its first round(eval_fraction · n) are held out, the rest
-    train."""
+    train. Sharded prompts are split into views of their shards, in the same order as the same prompts in a list."""
     order = np.random.default_rng(seed).permutation(len(prompts))
     n_eval = int(round(eval_fraction * len(prompts)))
     if len(prompts) - n_eval < 1:
         raise PromptDataError(f"{len(prompts)} prompts leave none for training with eval_fraction={eval_fraction}: "
                               f"data.eval_fraction holds out all {n_eval} prompts of {source}; lower it or add "
                               f"prompts")
-    shuffled = [prompts[i] for i in order]
-    return PromptSplit(train=shuffled[n_eval:], eval=shuffled[:n_eval])
+    if isinstance(prompts, ShardedPrompts):
+        return PromptSplit(train=prompts.subset(order[n_eval:]), eval=prompts.subset(order[:n_eval]))
+    return PromptSplit(train=[prompts[i] for i in order[n_eval:]], eval=[prompts[i] for i in order[:n_eval]])
 
 
-def split_campaign_prompts(prompts: list[Prompt], cfg, source: str) -> PromptSplit:
+# ------------------------------------------------------------------------------------ streamed prompt sets
+
+SHARD_ROWS = 8192  # rows per parquet shard of a streamed set
+GROUP_ROWS = 256  # rows per parquet row group: reading one prompt reads one group
+SHARDS_INDEX = "index.json"
+STREAM_FORMATS = (".jsonl", ".parquet")
+
+
+class ShardedPrompts(Sequence):
+    """The prompts of a set streamed into the run directory's ``prompts/`` folder: parquet shards of ``shard_rows``
+    rows in the source's order, in row groups of ``group_rows``, read a group at a time, so the driver holds a round's
+    prompts and an int32 per prompt, never the set. ``rows`` selects and orders the rows this view holds (all of them
+    by default)."""
+
+    def __init__(self, folder: Path, total: int, shard_rows: int, group_rows: int, rows: np.ndarray | None = None):
+        self.folder, self.total, self.shard_rows, self.group_rows = folder, total, shard_rows, group_rows
+        self.rows = np.arange(total, dtype=np.int32) if rows is None else rows.astype(np.int32)
+
+    @classmethod
+    def open(cls, folder: Path) -> "ShardedPrompts":
+        index = json.loads((folder / SHARDS_INDEX).read_text())
+        return cls(folder, index["rows"], index["shard_rows"], index["group_rows"])
+
+    def subset(self, positions: np.ndarray) -> "ShardedPrompts":
+        return ShardedPrompts(self.folder, self.total, self.shard_rows, self.group_rows, self.rows[positions])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self[i] for i in range(*key.indices(len(self)))]
+        shard, offset = divmod(int(self.rows[key]), self.shard_rows)
+        group, k = divmod(offset, self.group_rows)
+        return Prompt(**_row_group(self.folder / f"shard-{shard:05d}.parquet", group)[k])
+
+
+@functools.lru_cache(maxsize=64)
+def _row_group(path: Path, group: int) -> list[dict]:
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).read_row_group(group).to_pylist()
+
+
+def stream_prompts(cfg, source: str, folder: Path) -> ShardedPrompts:
+    """data.prompts (``source``) streamed through Ray Data into parquet shards under ``folder``, once: rows are read
+    (and, for a language model, measured in tokens) by Ray Data tasks, then validated in order by this process, which
+    holds a batch at a time; a row that is wrong fails the campaign naming its row (or file and line) as in-memory
+    loading does. A resumed campaign reads the shards it wrote, so a round's prompts do not change if the source
+    does."""
+    if (folder / SHARDS_INDEX).exists():
+        return ShardedPrompts.open(folder)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    field, where = cfg.data.prompt_field, _stream_where(source, cfg.data.split)
+    language_model = cfg.generators.engine != "tabular"
+    if language_model:
+        check_model_context(cfg)
+    # A dataset takes the context in force when it is made: rows keep the source's order (files sorted by name).
+    context = ray.data.DataContext.get_current()
+    preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    number, shard, id_digests, lines = 0, [], [], _LineCounter()
+    try:
+        dataset, json_lines = _ray_dataset(source, cfg.data.split, field)
+        if language_model:
+            dataset = dataset.map_batches(count_prompt_tokens, batch_format="pyarrow", batch_size=GROUP_ROWS,
+                                          fn_kwargs={"model": cfg.model.path, "field": field,
+                                                     "json_lines": json_lines})
+        folder.mkdir(parents=True, exist_ok=True)
+        for batch in dataset.iter_batches(batch_size=GROUP_ROWS, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                n_tokens = row.pop("prompt_tokens", None)
+                if json_lines and (row := lines.parse(row)) is None:
+                    continue
+                number += 1
+                prompt = prompt_from_row(row, number, where, field)
+                if language_model:
+                    check_prompt_length(prompt.prompt_id, n_tokens, cfg, where)
+                id_digests.append(_digest(prompt.prompt_id))
+                shard.append(prompt.as_dict())
+                if len(shard) == SHARD_ROWS:
+                    _write_shard(pa, pq, folder, (number - 1) // SHARD_ROWS, shard)
+                    shard = []
+    except (ray.exceptions.RayError, pa.ArrowException, OSError) as err:
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise PromptDataError(f"{where} could not be read through Ray Data: {message}") from None
+    finally:
+        context.execution_options.preserve_order = preserve_order
+    if number == 0:
+        raise PromptDataError(f"{where} holds no rows")
+    if shard:
+        _write_shard(pa, pq, folder, (number - 1) // SHARD_ROWS, shard)
+    prompts = ShardedPrompts(folder, number, SHARD_ROWS, GROUP_ROWS)
+    _check_unique_ids(prompts, np.array(id_digests, dtype=np.uint64), where)
+    atomic_write_json(folder / SHARDS_INDEX, {"rows": number, "shard_rows": SHARD_ROWS, "group_rows": GROUP_ROWS,
+                                              "source": source, "field": field, "split": cfg.data.split})
+    return prompts
+
+
+class _LineCounter:
+    """Lines of JSONL files read by ``ray.data.read_text(include_paths=True)``, numbered per file as in-memory
+    loading numbers them."""
+
+    def __init__(self):
+        self.path, self.line = None, 0
+
+    def parse(self, row: dict) -> dict | None:
+        """The line's JSON row, or None for a blank line."""
+        if row["path"] != self.path:
+            self.path, self.line = row["path"], 0
+        self.line += 1
+        if not row["text"].strip():
+            return None
+        try:
+            return json.loads(row["text"])
+        except json.JSONDecodeError as err:
+            raise PromptDataError(f"prompt file {self.path} line {self.line} is not JSON: {err.msg}") from None
+
+
+def _stream_where(source: str, split: str) -> str:
+    return f"hf dataset {source[3:]!r} split {split!r}" if source.startswith("hf:") else f"prompt file {source}"
+
+
+def _ray_dataset(source: str, split: str, field: str):
+    """A Ray Data dataset over the rows of ``source`` — a JSONL or parquet file or a folder of them, builtin:
+    instructions, or ``hf:`` (a saved folder, memory-mapped; a hub id, opened streaming) — and whether its rows are
+    JSONL lines (``text`` and ``path``), parsed by the driver so that types may differ from row to row."""
+    import ray
+
+    if source.startswith("hf:"):
+        return ray.data.from_huggingface(_hf_dataset(source[3:], split, field, streaming=True)), False
+    path = INSTRUCTIONS_FILE if source == "builtin:instructions" else Path(source).expanduser()
+    if not path.exists():
+        raise PromptDataError(f"prompt file {path} does not exist")
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    kinds = {f.suffix.lower() for f in files if f.suffix.lower() in STREAM_FORMATS}
+    if len(kinds) != 1 or (not path.is_dir() and path.suffix.lower() not in STREAM_FORMATS):
+        raise PromptDataError(f"data.streaming reads a .jsonl or .parquet file, a folder of one of them, or hf:; "
+                              f"{path} is {'a folder of both' if len(kinds) == 2 else 'neither'}")
+    paths = [str(f) for f in files if f.suffix.lower() in kinds]
+    if kinds == {".jsonl"}:
+        return ray.data.read_text(paths, drop_empty_lines=False, include_paths=True, file_extensions=None), True
+    return ray.data.read_parquet(paths, file_extensions=None), False
+
+
+def _write_shard(pa, pq, folder: Path, index: int, rows: list[dict]) -> None:
+    schema = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()), ("messages", pa.string())])
+    path = folder / f"shard-{index:05d}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema), path.with_suffix(".tmp"), row_group_size=GROUP_ROWS)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _digest(prompt_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(prompt_id.encode(), digest_size=8).digest(), "little")
+
+
+def _check_unique_ids(prompts: ShardedPrompts, digests: np.ndarray, where: str) -> None:
+    """Duplicate ids found through 8-byte digests (16 bytes a row where a set of ids would cost ~100), each clash
+    confirmed on the ids themselves."""
+    order = np.argsort(digests, kind="stable")
+    clashes = np.flatnonzero(digests[order][1:] == digests[order][:-1])
+    for c in clashes:
+        first, second = sorted((int(order[c]), int(order[c + 1])))
+        if prompts[first].prompt_id == prompts[second].prompt_id:
+            raise PromptDataError(f"{where} row {second + 1}: duplicate prompt_id {prompts[second].prompt_id!r} "
+                                  f"(row {first + 1} has it too)")
+
+
+def split_campaign_prompts(prompts: Sequence[Prompt], cfg, source: str) -> PromptSplit:
     """The train / held-out split of a campaign (``cfg``, a ``CampaignConfig``) by data.eval_fraction and
     data.shuffle_seed (tabular games hold nothing out). Fails at load, naming the numbers and fields, when no
     prompt is left to train on or when an evaluating campaign holds out fewer prompts than evaluation.prompts."""

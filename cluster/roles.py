@@ -36,18 +36,25 @@ class Roles:
                 pool.shutdown()
 
 
+def round_seed(cfg, t: int, stream: str) -> int:
+    """Round t's seed for one random stream of a campaign (``cfg``, a ``CampaignConfig``): its samples of each source,
+    the judges' draws, an evaluation's answers."""
+    return int(np.random.SeedSequence([cfg.seed, t, *stream.encode()]).generate_state(1)[0])
+
+
 def chunk_seed(seed: int | None, chunk: int) -> int | None:
     """The seed of one chunk of a seeded call: a function of the campaign seed, round, stream and chunk alone, so a
     resumed round, or a chunk retried on a replaced actor, draws exactly what the first attempt would have."""
     return None if seed is None else int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
-def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False) -> list[dict]:
+def generate(roles: Roles, prompts: list[dict], k: int, source: str, score: bool = False, *,
+             seed: int | None) -> list[dict]:
     """K samples per prompt from the generators, prompts spread round-robin over them (``score``: see
-    :meth:`nashray.actors.generator.GeneratorActor.generate`). Each generator continues its own stream, seeded by
-    campaign seed and rank."""
+    :meth:`nashray.actors.generator.GeneratorActor.generate`; ``seed``: see :func:`chunk_seed`; None continues each
+    generator's own stream, seeded by campaign seed and rank)."""
     n = len(roles.generators)
-    chunks = [(prompts[i::n], k, source, None, score) for i in range(n) if prompts[i::n]]
+    chunks = [(prompts[i::n], k, source, chunk_seed(seed, i), score) for i in range(n) if prompts[i::n]]
     return [s for part in roles.generators.map("generate", chunks, f"{source} samples") for s in part]
 
 

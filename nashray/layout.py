@@ -49,7 +49,12 @@ def newest_checkpoint(root: Path) -> Path | None:
 
 
 class RunDirError(RuntimeError):
-    """The run directory cannot be used (unwritable, full, or not a nashray run)."""
+    """The run directory cannot be used (unwritable, full, or not a nashray run); ``filename`` and ``strerror`` name
+    a write that failed, as an OSError's do."""
+
+    def __init__(self, message: str, filename: Path | None = None, strerror: str | None = None):
+        super().__init__(message)
+        self.filename, self.strerror = filename, strerror
 
 
 @dataclass
@@ -72,7 +77,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        raise RunDirError(f"cannot write {path}: {err.strerror or err}") from err
+        raise RunDirError(f"cannot write {path}: {err.strerror or err}", path, err.strerror) from err
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -113,6 +118,11 @@ class RunDir:
     @property
     def judge_cache(self) -> Path:
         return self.root / "judge-cache"
+
+    @property
+    def prompts_dir(self) -> Path:
+        """The prompt set's parquet shards when data.streaming is on."""
+        return self.root / "prompts"
 
     @property
     def eval_dir(self) -> Path:
@@ -175,16 +185,17 @@ class RunDir:
         return self.round_dir(t) / AVERAGE_POLICY
 
     # ------------------------------------------------------------------ lifecycle
-    def create(self, config_yaml: str) -> None:
+    def create(self, config_yaml: str, min_free_gib: float = 1.0) -> None:
         if self.state_path.exists():
             raise RunDirError(f"{self.root} already holds a campaign: resume it with `nashray run --resume "
                               f"{self.root}` or choose another storage.run_dir")
-        self.check_writable()
+        self.check_writable(min_free_gib)
         atomic_write_bytes(self.config_path, config_yaml.encode())
         self.write_state(CampaignState())
 
     def check_writable(self, min_free_gib: float = 1.0) -> None:
-        """Fail before any work if the run directory cannot take a round's files."""
+        """Fail before any work (a campaign, a round) if the run directory cannot take a round's files: it cannot be
+        written, or its filesystem has less than ``min_free_gib`` (storage.min_free_gib) free."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-probe"
@@ -194,8 +205,8 @@ class RunDir:
             raise RunDirError(f"run directory {self.root} is not writable: {err.strerror or err}") from err
         free = shutil.disk_usage(self.root).free / 2**30
         if free < min_free_gib:
-            raise RunDirError(f"run directory {self.root} has {free:.2f} GiB free; a round needs at least "
-                              f"{min_free_gib:g} GiB (checkpoints)")
+            raise RunDirError(f"run directory {self.root} has {free:.3f} GiB free, under storage.min_free_gib = "
+                              f"{min_free_gib:g} GiB (a round's files and checkpoint)")
 
     def read_state(self) -> CampaignState:
         try:

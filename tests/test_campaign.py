@@ -81,14 +81,20 @@ def llm_config(tmp_path, model_dir, algorithm: dict, engine: str = "vllm", round
 
 
 def test_tiny_llm_online_dpo_two_workers_zero2(ray_cluster, tmp_path, tiny_model_dir):
-    """vLLM-CPU generator, two DeepSpeed workers (ZeRO-2): every push leaves the generator on the learner's weights."""
+    """vLLM-CPU generator, two DeepSpeed workers (ZeRO-2): every push leaves the generator on the learner's weights.
+    The prompts are streamed through Ray Data into the run directory's shards (data.streaming)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from nashray.cluster.driver import run_campaign
+    from nashray.cluster.prompts import load_prompts, split_prompts
     from nashray.layout import read_table
 
-    run = run_campaign(llm_config(tmp_path, tiny_model_dir, {"name": "online_dpo"}, workers=2, zero_stage=2))
+    run = run_campaign(llm_config(tmp_path, tiny_model_dir, {"name": "online_dpo"}, workers=2, zero_stage=2,
+                                  data={"prompts": "builtin:instructions", "streaming": True}))
+    assert json.loads((run.prompts_dir / "index.json").read_text())["rows"] == 344
+    split = split_prompts(load_prompts("builtin:instructions"), 0.17, 0)
+    assert [s["prompt_id"] for s in read_table(run.samples_path(1))][::3] == [p.prompt_id for p in split.train[4:8]]
     metrics = run.metrics()
     assert [m["round"] for m in metrics] == [0, 1]
     for m in metrics:

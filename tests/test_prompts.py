@@ -234,3 +234,83 @@ def test_a_chat_prompt_is_measured_with_all_its_turns(tmp_path, tiny_model_dir):
     cfg = parse_config({"model": {"path": tiny_model_dir, "max_prompt_tokens": 64}})
     with pytest.raises(PromptDataError, match="prompt 'long' is \\d+ tokens with the chat template"):
         check_prompts_fit_model(prompts, cfg, str(path))
+
+
+# -------------------------------------------------------------------------------------- streamed through Ray Data
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    """Shards of 40 rows in row groups of 8, so that a hundred prompts span shards and groups."""
+    import nashray.cluster.prompts as prompts
+    monkeypatch.setattr(prompts, "SHARD_ROWS", 40)
+    monkeypatch.setattr(prompts, "GROUP_ROWS", 8)
+
+
+def _streaming_config(model_dir: str, source: str, **data):
+    return parse_config({"model": {"path": model_dir, "max_prompt_tokens": 96}, "evaluation": {"prompts": 1},
+                         "data": {"prompts": source, "streaming": True, **data}})
+
+
+def test_streamed_prompt_sets_split_and_read_as_they_do_in_memory(ray_cluster, tmp_path, tiny_model_dir,
+                                                                   saved_datasets, small_shards):
+    """Every streamable source, streamed into shards, gives the prompts, held-out set and rounds that loading it in
+    memory gives; a resumed campaign reads its shards, not the source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nashray.cluster.prompts import stream_prompts
+    rows = [{"prompt_id": f"q{i}", "prompt": f"what is {i} plus {i}?"} if i % 3 else {"prompt": f"say {i}"}
+            for i in range(100)]
+    rows[5] = {"prompt_id": "chat", "prompt": CHAT}  # a chat among strings: JSONL rows may differ in type
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" + ("\n" if i == 50 else "") for i, r in enumerate(rows)))
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    strings = [{"prompt_id": r.get("prompt_id"), "prompt": r["prompt"]} for r in rows if isinstance(r["prompt"], str)]
+    pq.write_table(pa.Table.from_pylist(strings[:60]), folder / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(strings[60:]), folder / "b.parquet")
+    pq.write_table(pa.Table.from_pylist(strings), tmp_path / "all.parquet")
+    cases = [("builtin:instructions", "prompt", "builtin:instructions"), (str(jsonl), "prompt", str(jsonl)),
+             (str(folder), "prompt", str(tmp_path / "all.parquet")),
+             (f"hf:{saved_datasets / 'dict'}", "instruction", f"hf:{saved_datasets / 'dict'}")]
+    for k, (source, field, same_as) in enumerate(cases):
+        cfg = _streaming_config(tiny_model_dir, source, prompt_field=field)
+        sharded = stream_prompts(cfg, source, tmp_path / f"run{k}" / "prompts")
+        in_memory = load_prompts(same_as, field)
+        assert list(sharded) == in_memory, source
+        streamed, loaded = split_campaign_prompts(sharded, cfg, source), split_campaign_prompts(in_memory, cfg, source)
+        assert list(streamed.eval) == loaded.eval and len(streamed.train) == len(loaded.train)
+        assert all(streamed.for_round(t, 7) == loaded.for_round(t, 7) for t in range(0, 60, 11)), source
+    assert len(list((tmp_path / "run1/prompts").glob("shard-*.parquet"))) == 3  # 100 rows in shards of 40
+    before = load_prompts(str(jsonl))
+    jsonl.write_text(json.dumps({"prompt": "a changed source"}) + "\n")
+    assert list(stream_prompts(_streaming_config(tiny_model_dir, str(jsonl)), str(jsonl),
+                               tmp_path / "run1/prompts")) == before
+
+
+@pytest.mark.parametrize("lines, names", [
+    (['{"prompt": "fine"}', '', '{"prompt": "fine too"', '{"prompt": "fine"}'], ["line 3 is not JSON"]),
+    (['{"prompt": "fine"}', '', '{"text": "no prompt"}'], ["row 2 has no field 'prompt'"]),
+    (['{"prompt_id": "a", "prompt": "x"}', '{"prompt_id": "b", "prompt": "y"}', '{"prompt_id": "a", "prompt": "z"}'],
+     ["row 3: duplicate prompt_id 'a' (row 1 has it too)"]),
+    (['{"prompt_id": "long", "prompt": "%s"}' % ("many words " * 60)], ["prompt 'long' is", "over model.max_prompt"]),
+    ([], ["holds no rows"]),
+])
+def test_a_bad_streamed_row_fails_naming_the_file_and_row(ray_cluster, tmp_path, tiny_model_dir, lines, names):
+    from nashray.cluster.prompts import stream_prompts
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(PromptDataError) as err:
+        stream_prompts(_streaming_config(tiny_model_dir, str(path)), str(path), tmp_path / "prompts")
+    assert f"prompt file {path}" in str(err.value)
+    for name in names:
+        assert name in str(err.value)
+    assert not (tmp_path / "prompts/index.json").exists()  # a resume streams the corrected file again
+
+
+def test_streaming_is_refused_where_it_cannot_apply():
+    for data, name in (({"prompts": "builtin:demo"}, "data.prompts 'builtin:demo'"),
+                       ({"prompts": "p.json"}, "data.prompts 'p.json'"),
+                       ({"game": "builtin:rps"}, "data.game 'builtin:rps'")):
+        with pytest.raises(ValueError, match=re.escape(name)):
+            parse_config({"data": {**data, "streaming": True}})

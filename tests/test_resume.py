@@ -40,22 +40,25 @@ def tabular_config(tmp_path: Path, rounds: int, **storage) -> Path:
     return path
 
 
-def start(*args: str) -> subprocess.Popen:
+def start(*args: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """`nashray run ARGS` in its own process group (``stderr=subprocess.PIPE`` keeps its terminal output)."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "nashray.cluster.cli", "run", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
 
-def kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300) -> None:
-    """SIGKILL the driver's whole process group (driver and the Ray cluster it started) once ``condition()``."""
+def kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300, kill: bool = True) -> None:
+    """SIGKILL the driver's whole process group (driver and the Ray cluster it started) once ``condition()``; with
+    ``kill=False``, only wait for it."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert proc.poll() is None, f"campaign exited ({proc.returncode}) before the kill point"
         assert time.monotonic() < deadline, "kill point not reached"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    if kill:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def digest(path: Path) -> str:
@@ -102,11 +105,13 @@ def test_resume_after_kills_during_and_between_rounds(tmp_path):
     game = load_game("builtin:random10")
     initial = regularized_exploitability(game.P, game.pi_ref, game.pi_ref, 0.1)
     assert all(m["regularized_exploitability"] < initial for m in metrics), (initial, metrics)
-    # Exact resume of the rounds sampled before the first kill (0 and 1; later rounds were sampled by restarted
-    # generators, whose streams start afresh): samples, verdicts, training and policy as in the uninterrupted
-    # campaign — round 1 was trained again after the kill with the same data order from the restored optimizer state.
+    # Exact resume: every round's samples, verdicts, training and policy as in the uninterrupted campaign — round 1
+    # was trained again after the kill with the same data order from the restored optimizer state, and the rounds
+    # after it were sampled by restarted generators, seeded per round.
     reference = [json.loads(line) for line in (tmp_path / "whole/run/metrics.jsonl").read_text().splitlines()]
-    for t in range(2):
+    for t in range(4):
+        assert digest(run / f"rounds/{t:04d}/judgements.parquet") == digest(
+            tmp_path / f"whole/run/rounds/{t:04d}/judgements.parquet"), f"round {t} judgements"
         assert digest(run / f"rounds/{t:04d}/samples.parquet") == digest(
             tmp_path / f"whole/run/rounds/{t:04d}/samples.parquet"), f"round {t} samples"
         for key in ("loss", "steps", "train_records", "exploitability", "regularized_exploitability"):
@@ -181,8 +186,8 @@ def test_resumed_campaign_reuses_cached_judgements_within_budget(tmp_path, tiny_
 
 def test_resumed_llm_round_trains_the_same_batches_in_the_same_order(tmp_path, tiny_model_dir):
     """A language-model campaign killed during round 1's training: the resumed round trains the persisted records in
-    the uninterrupted campaign's batch order from the same restored state, so rounds 0 and 1 match it exactly
-    (round 2 is sampled by a restarted generator, whose stream starts afresh)."""
+    the uninterrupted campaign's batch order from the same restored state, and round 2, sampled by a restarted
+    generator seeded per round, draws what the uninterrupted one drew: every round matches it exactly."""
     def config(root: Path) -> Path:
         cfg = {
             "seed": 3,
@@ -214,8 +219,74 @@ def test_resumed_llm_round_trains_the_same_batches_in_the_same_order(tmp_path, t
     resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp_path / "whole/run/metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in resumed] == [0, 1, 2]
-    for t in range(2):
+    for t in range(3):
         assert digest(run / f"rounds/{t:04d}/samples.parquet") == digest(
             tmp_path / f"whole/run/rounds/{t:04d}/samples.parquet"), f"round {t} samples"
         for key in ("loss", "steps", "train_records", "kl_to_ref"):
             assert resumed[t][key] == reference[t][key], (t, key, resumed[t][key], reference[t][key])
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 48 MiB tmpfs (root only): a run directory that can fill up, and be made read-only under a running
+    campaign through a read-only bind mount over it (files the campaign already holds open stay writable)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    yield mnt
+    subprocess.run(["umount", "-R", "-l", str(mnt)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last block."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 2**20)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_then_read_only_run_directory_stops_the_campaign_and_it_resumes(tmp_path, small_filesystem):
+    """The run directory's filesystem fills up while round 1 trains, then, resumed, turns read-only after round 3:
+    each time the campaign stops with one error naming the directory, keeps everything persisted, and resumes to
+    the end once space returns (storage.min_free_gib, here 8 MiB, also stops it before a round that could not fit)."""
+    run = small_filesystem / "run"
+    config = tabular_config(tmp_path, rounds=6, run_dir=str(run), min_free_gib=0.008)
+
+    def stopped(proc: subprocess.Popen) -> str:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode != 0, err
+        return err.decode()
+
+    proc = start(str(config), stderr=subprocess.PIPE)
+    kill_when(proc, lambda: rounds_completed(run) == 1 and (run / "rounds/0001/judgements.parquet").exists(),
+              kill=False)
+    persisted = {p: digest(p) for p in sorted((run / "rounds").rglob("*.parquet"))}
+    filler = fill(small_filesystem)
+    error = stopped(proc)
+    assert f"run directory {run} " in error and "resume with `nashray run --resume" in error, error
+    assert "Traceback" not in error, error
+    assert {p: digest(p) for p in persisted} == persisted  # nothing persisted was lost or torn
+    assert rounds_completed(run) in (1, 2)
+
+    filler.unlink()
+    proc = start("--resume", str(run), stderr=subprocess.PIPE)
+    kill_when(proc, lambda: rounds_completed(run) >= 3, kill=False)
+    subprocess.run(["mount", "--bind", str(run), str(run)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(run)], check=True)
+    error = stopped(proc)
+    assert f"run directory {run} is not writable: Read-only file system" in error, error
+    subprocess.run(["umount", str(run)], check=True)
+
+    proc = start("--resume", str(run), stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == list(range(6)) and [m["version"] for m in metrics] == list(range(6))
+    assert {p: digest(p) for p in persisted} == persisted

@@ -21,7 +21,7 @@ def test_a_run_dir_that_cannot_be_created_is_refused_naming_it(tmp_path):
 
 def test_a_run_dir_without_room_for_a_round_is_refused_before_any_work(tmp_path):
     run = RunDir(tmp_path / "run")
-    with pytest.raises(RunDirError, match=r"GiB free; a round needs at least 1e\+06 GiB"):
+    with pytest.raises(RunDirError, match=r"GiB free, under storage.min_free_gib = 1e\+06 GiB"):
         run.check_writable(min_free_gib=1_000_000)
     assert not (tmp_path / "run" / "state.json").exists()
 
