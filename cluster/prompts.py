@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,7 +405,7 @@ def stream_prompts(cfg, source: str, folder: Path) -> ShardedPrompts:
     # A dataset takes the context in force when it is made: rows keep the source's order (files sorted by name).
     context = ray.data.DataContext.get_current()
     preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
-    number, shard, id_digests, lines = 0, [], [], _LineCounter()
+    number, shard, id_digests, lines = 0, [], array("Q"), _LineCounter()  # 8 bytes a prompt
     try:
         dataset, json_lines = _ray_dataset(source, cfg.data.split, field)
         if language_model:
@@ -436,7 +437,7 @@ def stream_prompts(cfg, source: str, folder: Path) -> ShardedPrompts:
     if shard:
         _write_shard(pa, pq, folder, (number - 1) // SHARD_ROWS, shard)
     prompts = ShardedPrompts(folder, number, SHARD_ROWS, GROUP_ROWS)
-    _check_unique_ids(prompts, np.array(id_digests, dtype=np.uint64), where)
+    _check_unique_ids(prompts, np.frombuffer(id_digests, dtype=np.uint64), where)
     atomic_write_json(folder / SHARDS_INDEX, {"rows": number, "shard_rows": SHARD_ROWS, "group_rows": GROUP_ROWS,
                                               "source": source, "field": field, "split": cfg.data.split})
     return prompts
