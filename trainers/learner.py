@@ -137,7 +137,9 @@ class BroadcastAddress:
 
 class LearnerMailbox:
     """Driver ↔ learner-worker messages, numbered in posting order. Made an async Ray actor, so waiting workers never
-    block the driver's posts."""
+    block the driver's posts. A message is dropped once it is answered and every worker has read it (a restarted
+    worker group begins at the first unanswered one): a round's message holds its dataset shards, whose blocks would
+    otherwise stay in the object store for the whole campaign."""
 
     def __init__(self):
         self._messages: dict[int, Message] = {}
@@ -145,6 +147,8 @@ class LearnerMailbox:
         self._errors: list[str] = []
         self._workers: dict[int, dict] = {}
         self._answered: set[int] = set()
+        self._read_by: dict[int, set[int]] = {}  # seq -> the ranks that have read it
+        self._next_seq = 0
         self._changed = asyncio.Condition()
 
     async def _notify(self):
@@ -165,14 +169,25 @@ class LearnerMailbox:
 
     async def post(self, seq: int, message: Message) -> None:
         self._messages[seq] = message
+        self._next_seq = max(self._next_seq, seq + 1)
         await self._notify()
 
-    async def next_message(self, seq: int, timeout_s: float = 30.0) -> Message | None:
+    async def next_message(self, seq: int, timeout_s: float = 30.0, rank: int | None = None) -> Message | None:
         """Message ``seq``, or None after ``timeout_s``: the worker asks again (short waits survive RPC timeouts and
         let a worker notice a dead driver)."""
         if not await self._wait_for(lambda: seq in self._messages, timeout_s):
             return None
-        return self._messages[seq]
+        message = self._messages[seq]
+        if rank is not None:
+            self._read_by.setdefault(seq, set()).add(rank)
+            self._drop_if_done(seq)
+        return message
+
+    def _drop_if_done(self, seq: int) -> None:
+        """Forget message ``seq`` once it is answered and read by every registered worker."""
+        if seq in self._answered and self._workers and self._read_by.get(seq, set()) >= set(self._workers):
+            self._messages.pop(seq, None)
+            self._read_by.pop(seq, None)
 
     async def register(self, rank: int, worker: dict) -> None:
         self._workers[rank] = worker
@@ -187,11 +202,12 @@ class LearnerMailbox:
 
     async def first_open(self) -> int:
         """The first message without an answer: where a (re)started worker begins."""
-        return min((seq for seq in self._messages if seq not in self._answered), default=len(self._messages))
+        return min((seq for seq in self._messages if seq not in self._answered), default=self._next_seq)
 
     async def answer(self, seq: int, answer: Any) -> None:
         self._answered.add(seq)
         self._answers[seq] = answer
+        self._drop_if_done(seq)
         await self._notify()
 
     async def fail(self, message: str) -> None:
@@ -611,7 +627,7 @@ class LearnerWorker:
                     OpenBroadcast: self.open_broadcast}
         seq = ray.get(mailbox.first_open.remote())
         while True:
-            message = ray.get(mailbox.next_message.remote(seq))
+            message = ray.get(mailbox.next_message.remote(seq, rank=self.rank))
             if message is None:
                 continue
             if isinstance(message, Stop):  # every earlier message, checkpoint writes included, is done
