@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from nashray.cluster.config import load_config
-from nashray.layout import CHECKPOINT_DONE, RunDir, newest_checkpoint
+from nashray.layout import CHECKPOINT_DONE, RunDir, complete_checkpoints, newest_checkpoint
 from nashray.models import SMOLLM2
 from nashray.trainers.checkpoints import validate_checkpoint
 
@@ -23,7 +23,7 @@ class ExportError(ValueError):
 
 
 def _checkpoint(run: RunDir, round_index: int | None) -> Path:
-    complete = sorted(p.name for p in run.checkpoints_root.glob("round-*") if (p / CHECKPOINT_DONE).is_file())
+    complete = [p.name for p in complete_checkpoints(run.checkpoints_root)]
     ckpt = newest_checkpoint(run.checkpoints_root) if round_index is None else run.complete_checkpoint(round_index)
     if ckpt is None:
         which = "any round" if round_index is None else f"round {round_index}"

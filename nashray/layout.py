@@ -42,9 +42,15 @@ SAMPLES_FILE = "samples.parquet"
 JUDGEMENTS_FILE = "judgements.parquet"
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The round checkpoints under ``root`` (``RUN_DIR/checkpoints``) that have their COMPLETE marker, oldest first;
+    never a ``round-t.tmp`` folder, which holds its marker for a moment before it is renamed."""
+    return sorted(p for p in Path(root).glob("round-[0-9][0-9][0-9][0-9]") if (p / CHECKPOINT_DONE).is_file())
+
+
 def newest_checkpoint(root: Path) -> Path | None:
-    """The newest round checkpoint under ``root`` (``RUN_DIR/checkpoints``) that has its COMPLETE marker."""
-    done = sorted(p for p in Path(root).glob("round-*") if (p / CHECKPOINT_DONE).is_file())
+    """The newest complete round checkpoint under ``root``."""
+    done = complete_checkpoints(root)
     return done[-1] if done else None
 
 
@@ -229,8 +235,7 @@ class RunDir:
 
     def prune_checkpoints(self, keep: int, protect: int) -> None:
         """Keep the newest ``keep`` complete checkpoints (never the one of round ``protect``)."""
-        done = sorted(p for p in self.checkpoints_root.glob("round-*") if (p / CHECKPOINT_DONE).is_file())
-        for path in done[:-keep]:
+        for path in complete_checkpoints(self.checkpoints_root)[:-keep]:
             if path.name != f"round-{protect:04d}":
                 shutil.rmtree(path, ignore_errors=True)
 

@@ -49,7 +49,7 @@ def start(*args: str, stderr=subprocess.DEVNULL) -> subprocess.Popen:
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300, kill: bool = True) -> None:
-    """SIGKILL the driver's whole process group (driver and the Ray cluster it started) once ``condition()``; with
+    """SIGKILL the driver and the whole Ray cluster it started (its session) once ``condition()``; with
     ``kill=False``, only wait for it."""
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -57,8 +57,20 @@ def kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300, kill: b
         assert time.monotonic() < deadline, "kill point not reached"
         time.sleep(0.05)
     if kill:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         proc.wait()
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process of ``session``: the driver, started as its leader, and the local Ray cluster it started,
+    whose workers each lead a process group of their own (``killpg`` would leave them running and writing)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session:
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:  # gone meanwhile
+                continue
 
 
 def digest(path: Path) -> str:

@@ -569,6 +569,10 @@ def save_checkpoint(engine, state: dict, tokenizer, ckpt_dir: Path, rank: int, r
                                                        "probe": asdict(probe)}))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         os.replace(tmp, ckpt_dir)
+        # A write of another round cut off by a crash (that round is trained again from its data, never written
+        # again) is garbage, a whole model and optimizer state: this learner is the only writer, so it goes now.
+        for torn in ckpt_dir.parent.glob("round-*.tmp"):
+            shutil.rmtree(torn, ignore_errors=True)
     dist.barrier()
 
 
