@@ -20,7 +20,8 @@ joining the cluster); the run directory's size, its checkpoints' size and their 
 The figure, per quantity and role: the slope of a least-squares line through the samples after the warm-up (the
 first ``--warmup`` fraction of rounds, 10 %), per 100 rounds, as a percentage of the line's value at the end of the
 warm-up (with a floor per quantity so that a level near zero, e.g. an empty object store, does not turn a few bytes
-into a large percentage: 16 MiB of RSS, 1 MiB of object store, 16 descriptors, 8 threads, 1 process, 0.1 s).
+into a large percentage: 16 MiB of RSS, 1 MiB of object store, 16 objects, 16 descriptors, 8 threads, 1 process,
+0.1 s); the last round's sample, taken while the campaign shuts down, is left out.
 Flat means a growth of at most 5 % per 100 rounds. The run directory is expected to grow with every round (its
 samples, judgements, training data and metrics are kept): it is reported as bytes per round, not judged; what is
 judged is that the checkpoints stay bounded: at most keep_checkpoints + 2 folders, for a round's checkpoint is written
@@ -28,10 +29,10 @@ while the next round runs and the driver prunes once a round (keep_checkpoints c
 the last prune, the one being written).
 
     python -m bench.soak                   # 1000 tabular and 300 LLM rounds (about 15 minutes on 2 cores)
-    python -m bench.soak --quick           # 20 and 5 rounds: a smoke test of the script, about 3 minutes
+    python -m bench.soak --quick           # 20 and 5 rounds, about 3 minutes: tests the script, not the figure
     python -m bench.soak --only tabular --tabular-rounds 300
 
-Writes ``bench/results/soak.json`` (``--quick``: ``soak-quick.json``).
+Writes ``bench/results/soak.json`` (``--quick``: ``soak-quick.json`` in the work directory, not a result).
 """
 
 from __future__ import annotations
@@ -354,7 +355,7 @@ def main() -> None:
     if args.quick:
         args.tabular_rounds, args.llm_rounds = 20, 5
     setup_environment()
-    bench = Run("soak-quick" if args.quick else "soak", vars(args))
+    bench = Run("soak", vars(args))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nashray-soak-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     configs = {}
@@ -377,7 +378,7 @@ def main() -> None:
         print(f"{name}: exit {result['returncode']}, {result['wall_s']:.0f}s, not flat: "
               f"{figures.get('not_flat', figures.get('error'))}", flush=True)
     bench.result["workdir"] = str(workdir)
-    bench.write(args.out)
+    bench.write(args.out or (workdir / "soak-quick.json" if args.quick else None))
 
 
 if __name__ == "__main__":
