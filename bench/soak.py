@@ -338,6 +338,19 @@ def summary_rows(name: str, figures: dict, keep: int) -> list[dict]:
     return rows
 
 
+def series(samples: list[dict], every: int) -> dict:
+    """Every ``every``-th sample (and the last) as one list per quantity (``role.quantity``, run-wide ones plain),
+    for the JSON: the figures above are fitted on all of them."""
+    kept = samples[::every] + ([samples[-1]] if samples and (len(samples) - 1) % every else [])
+    names = sorted({f"{role}.{key}" for s in kept for role, values in s["roles"].items() for key in values})
+    out = {key: [s.get(key) for s in kept] for key in ("round", "t_s", "round_s", "object_store_mib", "objects",
+                                                       "run_dir_bytes", "checkpoint_bytes", "checkpoints")}
+    for name in names:
+        role, key = name.rsplit(".", 1)
+        out[name] = [s["roles"].get(role, {}).get(key) for s in kept]
+    return {name: [_r(v) if isinstance(v, float) else v for v in values] for name, values in out.items()}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main() -> None:
@@ -349,6 +362,7 @@ def main() -> None:
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of rounds left out of the fit")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per campaign")
+    parser.add_argument("--keep-every", type=int, default=10, help="samples kept in the JSON: every Nth round's")
     parser.add_argument("--workdir", help="keep the configs, logs and run directories here (default: a temp dir)")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -367,13 +381,15 @@ def main() -> None:
         configs["llm"] = llm_config(workdir / "llm-run", model_dir, args.llm_rounds, args.keep_checkpoints)
     bench.result["configs"] = configs
     bench.result["campaigns"], bench.result["samples"], bench.result["summary"] = {}, {}, []
+    bench.result["samples_note"] = (f"every {args.keep_every}th round's sample (and the last); the figures are "
+                                    "fitted on all of them")
     for name, cfg in configs.items():
         print(f"--- {name}: {cfg['schedule']['rounds']} rounds", flush=True)
         result = run_campaign(name, cfg, workdir, args.keep_checkpoints, args.timeout)
         samples = result.pop("samples")
         figures = summarise({"samples": samples, "rounds": cfg["schedule"]["rounds"]}, args.warmup, args.keep_checkpoints)
         bench.result["campaigns"][name] = {**result, **figures}
-        bench.result["samples"][name] = samples
+        bench.result["samples"][name] = series(samples, args.keep_every)
         bench.result["summary"] += summary_rows(name, figures, args.keep_checkpoints)
         print(f"{name}: exit {result['returncode']}, {result['wall_s']:.0f}s, not flat: "
               f"{figures.get('not_flat', figures.get('error'))}", flush=True)
