@@ -20,7 +20,8 @@ joining the cluster); the run directory's size, its checkpoints' size and their 
 The figure, per quantity and role: the slope of a least-squares line through the samples after the warm-up (the
 first ``--warmup`` fraction of rounds, 10 %), per 100 rounds, as a percentage of the line's value at the end of the
 warm-up (with a floor per quantity so that a level near zero, e.g. an empty object store, does not turn a few bytes
-into a large percentage: 16 MiB of RSS, 1 MiB of object store, 16 descriptors, 8 threads, 1 process, 0.1 s).
+into a large percentage: 16 MiB of RSS, 1 MiB of object store, 16 objects, 16 descriptors, 8 threads, 1 process,
+0.1 s); the last round's sample, taken while the campaign shuts down, is left out.
 Flat means a growth of at most 5 % per 100 rounds. The run directory is expected to grow with every round (its
 samples, judgements, training data and metrics are kept): it is reported as bytes per round, not judged; what is
 judged is that the checkpoints stay bounded: at most keep_checkpoints + 2 folders, for a round's checkpoint is written
@@ -28,10 +29,10 @@ while the next round runs and the driver prunes once a round (keep_checkpoints c
 the last prune, the one being written).
 
     python -m bench.soak                   # 1000 tabular and 300 LLM rounds (about 15 minutes on 2 cores)
-    python -m bench.soak --quick           # 20 and 5 rounds: a smoke test of the script, about 3 minutes
+    python -m bench.soak --quick           # 20 and 5 rounds, about 3 minutes: tests the script, not the figure
     python -m bench.soak --only tabular --tabular-rounds 300
 
-Writes ``bench/results/soak.json`` (``--quick``: ``soak-quick.json``).
+Writes ``bench/results/soak.json`` (``--quick``: ``soak-quick.json`` in the work directory, not a result).
 """
 
 from __future__ import annotations
@@ -337,6 +338,19 @@ def summary_rows(name: str, figures: dict, keep: int) -> list[dict]:
     return rows
 
 
+def series(samples: list[dict], every: int) -> dict:
+    """Every ``every``-th sample (and the last) as one list per quantity (``role.quantity``, run-wide ones plain),
+    for the JSON: the figures above are fitted on all of them."""
+    kept = samples[::every] + ([samples[-1]] if samples and (len(samples) - 1) % every else [])
+    names = sorted({f"{role}.{key}" for s in kept for role, values in s["roles"].items() for key in values})
+    out = {key: [s.get(key) for s in kept] for key in ("round", "t_s", "round_s", "object_store_mib", "objects",
+                                                       "run_dir_bytes", "checkpoint_bytes", "checkpoints")}
+    for name in names:
+        role, key = name.rsplit(".", 1)
+        out[name] = [s["roles"].get(role, {}).get(key) for s in kept]
+    return {name: [_r(v) if isinstance(v, float) else v for v in values] for name, values in out.items()}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main() -> None:
@@ -348,13 +362,14 @@ def main() -> None:
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of rounds left out of the fit")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per campaign")
+    parser.add_argument("--keep-every", type=int, default=10, help="samples kept in the JSON: every Nth round's")
     parser.add_argument("--workdir", help="keep the configs, logs and run directories here (default: a temp dir)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.quick:
         args.tabular_rounds, args.llm_rounds = 20, 5
     setup_environment()
-    bench = Run("soak-quick" if args.quick else "soak", vars(args))
+    bench = Run("soak", vars(args))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nashray-soak-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     configs = {}
@@ -366,18 +381,20 @@ def main() -> None:
         configs["llm"] = llm_config(workdir / "llm-run", model_dir, args.llm_rounds, args.keep_checkpoints)
     bench.result["configs"] = configs
     bench.result["campaigns"], bench.result["samples"], bench.result["summary"] = {}, {}, []
+    bench.result["samples_note"] = (f"every {args.keep_every}th round's sample (and the last); the figures are "
+                                    "fitted on all of them")
     for name, cfg in configs.items():
         print(f"--- {name}: {cfg['schedule']['rounds']} rounds", flush=True)
         result = run_campaign(name, cfg, workdir, args.keep_checkpoints, args.timeout)
         samples = result.pop("samples")
         figures = summarise({"samples": samples, "rounds": cfg["schedule"]["rounds"]}, args.warmup, args.keep_checkpoints)
         bench.result["campaigns"][name] = {**result, **figures}
-        bench.result["samples"][name] = samples
+        bench.result["samples"][name] = series(samples, args.keep_every)
         bench.result["summary"] += summary_rows(name, figures, args.keep_checkpoints)
         print(f"{name}: exit {result['returncode']}, {result['wall_s']:.0f}s, not flat: "
               f"{figures.get('not_flat', figures.get('error'))}", flush=True)
     bench.result["workdir"] = str(workdir)
-    bench.write(args.out)
+    bench.write(args.out or (workdir / "soak-quick.json" if args.quick else None))
 
 
 if __name__ == "__main__":
