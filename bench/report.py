@@ -50,7 +50,7 @@ def table(results: list[dict]) -> str:
 def machine_line(results: list[dict]) -> str:
     if not results:
         return ""
-    m = max((r["machine"] for r in results), key=lambda machine: len(machine))  # the fullest description
+    m = max((r["machine"] for r in results if "machine" in r), key=len)  # the fullest description
     packages = ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items())
     return (f"Machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_total_gib']} GiB, {m['platform']}; "
             f"{packages}. Each row gives the 1-minute load average at the start and end of its benchmark (2.0 = "
