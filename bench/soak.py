@@ -62,17 +62,11 @@ FLOORS = {"rss_mib": 16.0, "fds": 16, "threads": 8, "processes": 1, "object_stor
 
 def tabular_config(run_dir: Path, rounds: int, keep: int) -> dict:
     """tests/test_resume.py's tabular campaign with a light learner (2 epochs a round instead of 40)."""
-    return {
-        "seed": 0,
-        "algorithm": {"name": "inpo"},
-        "generators": {"count": 1, "engine": "tabular", "resources": {"num_cpus": 0.5}},
-        "judges": {"count": 1, "oracle": {"kind": "matrix", "sample": True}, "resources": {"num_cpus": 0.5}},
-        "learner": {"workers": 1, "precision": "fp32", "micro_batch_size": 64, "epochs_per_round": 2,
-                    "threads_per_worker": 1, "optimizer": {"name": "adam", "lr": 0.05}},
-        "data": {"game": "builtin:random10"},
-        "schedule": {"rounds": rounds, "prompts_per_round": 1, "samples_per_prompt": 24},
-        "storage": {"run_dir": str(run_dir), "keep_checkpoints": keep},
-    }
+    from tests.test_resume import tabular_config as resume_config
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = yaml.safe_load(resume_config(Path(tmp), rounds, run_dir=str(run_dir), keep_checkpoints=keep).read_text())
+    cfg["learner"]["epochs_per_round"] = 2
+    return cfg
 
 
 def llm_config(run_dir: Path, model_dir: str, rounds: int, keep: int) -> dict:
