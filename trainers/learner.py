@@ -172,15 +172,14 @@ class LearnerMailbox:
         self._next_seq = max(self._next_seq, seq + 1)
         await self._notify()
 
-    async def next_message(self, seq: int, timeout_s: float = 30.0, rank: int | None = None) -> Message | None:
+    async def next_message(self, seq: int, rank: int, timeout_s: float = 30.0) -> Message | None:
         """Message ``seq``, or None after ``timeout_s``: the worker asks again (short waits survive RPC timeouts and
         let a worker notice a dead driver)."""
         if not await self._wait_for(lambda: seq in self._messages, timeout_s):
             return None
         message = self._messages[seq]
-        if rank is not None:
-            self._read_by.setdefault(seq, set()).add(rank)
-            self._drop_if_done(seq)
+        self._read_by.setdefault(seq, set()).add(rank)
+        self._drop_if_done(seq)
         return message
 
     def _drop_if_done(self, seq: int) -> None:
