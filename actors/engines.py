@@ -15,6 +15,10 @@ temperature, no top-p): the number the learner computes for the same weights, us
   ``ref`` run one stack, ``mixture`` runs both and combines their log-probs in ``compute_logits``, so vLLM's own
   temperature, top-p and sampled-token log-probs apply to the mixture as they do to π_θ. Pushes reload the policy
   stack alone. Twice the weights and KV cache per token of one model, no reload per ``ref`` request.
+
+A LoRA policy whose pushes carry the adapters alone (``learner.lora.push: adapter``) runs on vLLM's LoRA support: the
+engine keeps the base weights, π_θ is each request run with the newest adapters, and π_ref is the base model itself
+(a request without them), so ``ref`` needs no second stack.
 """
 
 from __future__ import annotations
@@ -22,17 +26,22 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from nashray.actors import vllm_mixture
 from nashray.actors.sources import SOURCES, check_source
-from nashray.cluster.config import CampaignConfig, NashMD
+from nashray.cluster.config import VLLM_LORA_RANKS, CampaignConfig, NashMD
 from nashray.models import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from nashray.trainers.algorithms import get_algorithm
 from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+from nashray.trainers.lora import adapted_module_names
+from nashray.weights import AdapterPayload
 
 __all__ = ["ENGINES", "SOURCES", "Engine", "HFEngine", "PromptTooLong", "Sample", "TabularEngine", "VLLMEngine",
            "build_engine", "chat_prompt_ids", "mixture_beta", "needs_reference", "sampling_logprobs"]
@@ -107,6 +116,11 @@ class Engine(ABC):
     @abstractmethod
     def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
         """Replace the policy's weights in place from a state dict (tied names as aliases)."""
+
+    def load_adapter(self, adapter: AdapterPayload, version: int) -> None:
+        """Make π_θ the base weights with these LoRA adapters (``learner.lora.push: adapter``)."""
+        raise TypeError(f"the {self.name} engine takes merged weights only: learner.lora.push 'adapter' needs "
+                        f"generators.engine 'vllm'")
 
 
 # -------------------------------------------------------------------------------------------- LLM engines
@@ -303,10 +317,21 @@ class VLLMEngine(_ChatEngine):
         super().__init__(cfg)
         from vllm import LLM
         self.keeps_reference = needs_reference(cfg)
-        pair = {}
-        if self.keeps_reference:
+        lora = cfg.learner.lora
+        self._adapters = lora is not None and lora.push == "adapter"
+        self._adapter = None  # the LoRARequest of the newest adapters pushed; None: π_θ is still the base model
+        self._pair = self.keeps_reference and not self._adapters  # with adapters, π_ref is a request without them
+        extra = {}
+        if self._pair:
             vllm_mixture.register()
-            pair["hf_overrides"] = functools.partial(vllm_mixture.pair_config, beta=mixture_beta(cfg))
+            extra["hf_overrides"] = functools.partial(vllm_mixture.pair_config, beta=mixture_beta(cfg))
+        if self._adapters:
+            # Only the adapted layers get vLLM's LoRA wrappers: its wrapped LM head on CPU cannot score a prompt's
+            # tokens (prompt_logprobs), which sequence_logprobs needs, and the learner never adapts it.
+            extra.update(enable_lora=True, max_loras=1, max_lora_rank=min(r for r in VLLM_LORA_RANKS if r >= lora.rank),
+                         lora_target_modules=adapted_module_names(resolve_model_path(self.model_path), lora,
+                                                                  cfg.model.trust_remote_code))
+            self._adapter_root = tempfile.mkdtemp(prefix="nashray-adapters-")
         self._source = "policy"  # the pair's source, as PolicyReferencePair starts
         self.llm = LLM(model=resolve_model_path(self.model_path), dtype=resolve_dtype(cfg.model.dtype),
                        enforce_eager=True, seed=cfg.seed * 1_000_003 + rank,
@@ -316,12 +341,12 @@ class VLLMEngine(_ChatEngine):
                        trust_remote_code=cfg.model.trust_remote_code,
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls=f"{VLLMWorkerExtension.__module__}.{VLLMWorkerExtension.__qualname__}",
-                       **pair)
+                       **extra)
 
     def _use(self, source: str) -> None:
         """Switch the pair to ``source``. Cached prompt blocks hold KV only for the stacks that ran when they were
         filled, so the prefix cache goes with every switch."""
-        if source != self._source:
+        if source != self._source and self._pair:
             self.llm.collective_rpc("nashray_set_source", args=(source,))
             self.llm.reset_prefix_cache()
             self._source = source
@@ -335,7 +360,7 @@ class VLLMEngine(_ChatEngine):
         if seed is not None:
             self.llm.collective_rpc("nashray_seed", args=(seed,))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self._adapter if source == "policy" else None)
         return [[Sample(list(c.token_ids), sum(step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)))
                  for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
@@ -346,7 +371,8 @@ class VLLMEngine(_ChatEngine):
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         self._use("policy")
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p) + list(r))
-                                     for p, r in zip(prompt_ids, response_ids)], params, use_tqdm=False)
+                                     for p, r in zip(prompt_ids, response_ids)], params, use_tqdm=False,
+                                    lora_request=self._adapter)
         totals = []
         for out, p, r in zip(outputs, prompt_ids, response_ids):
             steps = out.prompt_logprobs[len(p):]  # entry i scores token i given tokens < i
@@ -354,8 +380,30 @@ class VLLMEngine(_ChatEngine):
         return totals
 
     def load_weights(self, weights: "dict[str, torch.Tensor]") -> None:
+        if self._adapters:
+            raise TypeError("this vLLM engine serves a LoRA policy through its adapters (learner.lora.push "
+                            "'adapter'): a push of merged weights would be applied under them")
         self.llm.collective_rpc("nashray_load", args=(weights,))
         # cached prompt KV blocks were computed with the old weights
+        self.llm.reset_prefix_cache()
+
+    def load_adapter(self, adapter: AdapterPayload, version: int) -> None:
+        """vLLM reads adapters from a folder: each push's files go to one of their own (the previous one is
+        removed), registered under the push's version as the engine's one LoRA slot."""
+        from vllm.lora.request import LoRARequest
+        if not self._adapters:
+            raise TypeError("an adapter push reached a vLLM engine started without LoRA support: the campaign's "
+                            "learner.lora.push is not 'adapter'")
+        folder = Path(self._adapter_root) / f"v{version:06d}"
+        folder.mkdir()
+        for name, data in adapter.files.items():
+            (folder / name).write_bytes(data)
+        request = LoRARequest(f"policy-v{version}", version, str(folder))
+        self.llm.llm_engine.add_lora(request)
+        if self._adapter is not None:
+            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+            shutil.rmtree(self._adapter.lora_path, ignore_errors=True)
+        self._adapter = request
         self.llm.reset_prefix_cache()
 
 

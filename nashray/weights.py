@@ -169,6 +169,18 @@ class TensorPayload:
         return tensors
 
 
+@dataclass(frozen=True)
+class AdapterPayload:
+    """A LoRA policy's adapters as peft saves them: the files of an adapter folder (``adapter_config.json``,
+    ``adapter_model.safetensors``) by name. The push of ``learner.lora.push: adapter``: a generator's engine applies
+    them over the base weights it already holds."""
+    files: dict[str, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.files.values())
+
+
 # ---------------------------------------------------------------------------------------------- the push
 
 @dataclass(frozen=True)
@@ -189,7 +201,8 @@ class BroadcastManifest:
 @dataclass(frozen=True)
 class WeightPush:
     """One policy version on its way to the generators. ``payload``: safetensors bytes inline, an ObjectRef of a
-    :class:`TensorPayload` (object-store transport), or a :class:`BroadcastManifest` (broadcast transport)."""
+    :class:`TensorPayload` (object-store transport) or of an :class:`AdapterPayload` (a LoRA policy's adapters), or
+    a :class:`BroadcastManifest` (broadcast transport)."""
     version: int
     payload: Union[bytes, "ray.ObjectRef", BroadcastManifest]  # noqa: F821
     n_params: int
@@ -237,12 +250,15 @@ class ObjectStoreTransport:
         return push_state_dict(push)
 
 
+def fetch_payload(push: WeightPush):
+    """The push's payload, got from the object store when the push holds its reference."""
+    import ray
+    return ray.get(push.payload) if isinstance(push.payload, ray.ObjectRef) else push.payload
+
+
 def push_state_dict(push: WeightPush, restore_ties: bool = True) -> "dict[str, torch.Tensor]":
     """The state dict of an inline (safetensors bytes) or object-store push."""
-    import ray
-    payload = push.payload
-    if isinstance(payload, ray.ObjectRef):
-        payload = ray.get(payload)
+    payload = fetch_payload(push)
     if isinstance(payload, TensorPayload):
         return payload.state_dict(restore_ties)
     if isinstance(payload, (bytes, bytearray, memoryview)):

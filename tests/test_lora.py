@@ -1,4 +1,5 @@
-"""LoRA policies (learner.lora): merged weights out, π_ref as the adapters switched off, a real campaign on vLLM."""
+"""LoRA policies (learner.lora): merged weights or the adapters out, π_ref as the adapters switched off, real
+campaigns on vLLM."""
 
 from __future__ import annotations
 
@@ -87,12 +88,38 @@ def test_lora_is_refused_with_zero3_and_the_tabular_engine():
                       "judges": {"oracle": {"kind": "matrix"}}, "data": {"game": "builtin:rps"}})
 
 
+def test_adapted_module_names_are_what_peft_adapts(tiny_model_dir, adapted):
+    from nashray.cluster.config import LoraConfig
+    from nashray.trainers.lora import adapted_module_names
+    model, _ = adapted
+    peft_names = sorted({name.rpartition(".")[2] for name, module in model.named_modules() if hasattr(module, "lora_A")})
+    assert adapted_module_names(tiny_model_dir, LoraConfig(**LORA)) == peft_names
+    assert "lm_head" not in peft_names and "q_proj" in peft_names
+    assert adapted_module_names(tiny_model_dir, LoraConfig(target_modules=["v_proj", "q_proj"])) == ["q_proj", "v_proj"]
+
+
+def test_adapter_pushes_are_refused_where_vllm_lora_cannot_serve_them():
+    from nashray.cluster.config import ConfigError, parse_config
+    adapter = {"lora": {**LORA, "push": "adapter"}}
+    with pytest.raises(ConfigError, match="learner.lora.push 'adapter' .* generators.engine 'vllm', not 'hf'"):
+        parse_config({"learner": adapter, "generators": {"engine": "hf"}})
+    with pytest.raises(ConfigError, match="learner.lora.push 'adapter'.*Nash-MD's policy/reference pair"):
+        parse_config({"learner": adapter, "algorithm": {"name": "nash_md"}})
+    with pytest.raises(ConfigError, match="learner.lora.push 'adapter' .* generators.weight_transport 'broadcast'"):
+        parse_config({"learner": adapter, "generators": {"weight_transport": "broadcast", "on_failure": "abort"}})
+    with pytest.raises(ConfigError, match="learner.lora.rank"):
+        parse_config({"learner": {"lora": {**LORA, "rank": 1024}}})
+    assert parse_config({"learner": adapter}).learner.lora.push == "adapter"
+
+
 @pytest.mark.ray
-def test_lora_campaign_trains_adapters_pushes_merged_weights_and_checkpoints_them(ray_cluster, tmp_path,
-                                                                                 tiny_model_dir):
-    """INPO with a LoRA policy on the vLLM generator: every push leaves the generator on the learner's (merged)
-    policy, the checkpoint's model.safetensors is the merged model and its adapter/ folder, loaded by peft onto the
-    base model, scores sequences as that merged model does; weights outside the adapted layers never move."""
+@pytest.mark.parametrize("push", ["merged", "adapter"])
+def test_lora_campaign_trains_adapters_pushes_them_and_checkpoints_them(ray_cluster, tmp_path, tiny_model_dir, push):
+    """INPO with a LoRA policy on the vLLM generator, pushing merged weights or the adapters alone (applied by
+    vLLM's LoRA support over the base weights): every push leaves the generator on the learner's policy, which moved
+    far enough that a generator left on the base weights would fail that check. The checkpoint's model.safetensors
+    is the merged model and its adapter/ folder, loaded by peft onto the base model, scores sequences as that merged
+    model does; weights outside the adapted layers never move."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -104,7 +131,8 @@ def test_lora_campaign_trains_adapters_pushes_merged_weights_and_checkpoints_the
 
     run = run_campaign(llm_config(tmp_path, tiny_model_dir, {"name": "inpo"},
                                   learner={"workers": 1, "precision": "fp32", "micro_batch_size": 4,
-                                           "optimizer": {"lr": 1e-2}, "threads_per_worker": 1, "lora": LORA}))
+                                           "optimizer": {"lr": 1e-2}, "threads_per_worker": 1,
+                                           "lora": {**LORA, "push": push}}))
     metrics = run.metrics()
     assert [m["round"] for m in metrics] == [0, 1]
     assert all(m["push_logprob_max_abs_diff"] < 1e-4 and m["steps"] > 0 for m in metrics)
@@ -114,8 +142,11 @@ def test_lora_campaign_trains_adapters_pushes_merged_weights_and_checkpoints_the
     moved = {name for (name, a), b in zip(merged.named_parameters(), initial.parameters())
              if float((a - b).detach().abs().max()) > 0}
     assert moved and all(name.endswith("_proj.weight") for name in moved)
-    with_adapter = PeftModel.from_pretrained(initial, f"{checkpoint}/{ADAPTER_DIR}")
     prompts, responses = [[1, 5, 9, 3]], [[4, 4, 8, 2]]
     with torch.no_grad():
-        torch.testing.assert_close(causal_lm_sequence_logprobs(with_adapter, prompts, responses, 0),
-                                   causal_lm_sequence_logprobs(merged, prompts, responses, 0), rtol=0, atol=1e-4)
+        before = causal_lm_sequence_logprobs(initial, prompts, responses, 0)
+        after = causal_lm_sequence_logprobs(merged, prompts, responses, 0)
+        with_adapter = PeftModel.from_pretrained(initial, f"{checkpoint}/{ADAPTER_DIR}")  # adapts `initial` in place
+        torch.testing.assert_close(causal_lm_sequence_logprobs(with_adapter, prompts, responses, 0), after, rtol=0,
+                                   atol=1e-4)
+    assert (after - before).abs().max() > 1e-2

@@ -50,11 +50,11 @@ from nashray.oracles.games import load_game
 from nashray.trainers.algorithms import Algorithm, get_algorithm
 from nashray.trainers.checkpoints import load_deepspeed_state
 from nashray.trainers.logprobs import causal_lm_sequence_logprobs
-from nashray.trainers.lora import AdaptersOff, add_adapters, is_adapted, merged_state_dict
+from nashray.trainers.lora import AdaptersOff, add_adapters, adapter_files, is_adapted, merged_state_dict
 from nashray.trainers.process_group import NodeAddressTorchConfig
 from nashray.trainers.ranking import ranking_counts
 from nashray.trainers.tabular import TabularPolicy
-from nashray.weights import NcclBroadcastTransport, ObjectStoreTransport, WeightPush
+from nashray.weights import AdapterPayload, NcclBroadcastTransport, ObjectStoreTransport, WeightPush
 
 SCORE_CHUNK = 16  # sequences per forward of a ScoreSequences message: bounds the [B, T, vocab] logits
 
@@ -623,6 +623,7 @@ class LearnerWorker:
             self.trained_through = json.loads((resume_from / CHECKPOINT_DONE).read_text())["round"]
         self.replayed: list[tuple[int, float]] = []  # (round, |loss trained again − loss recorded|), not yet reported
         self.transport = ObjectStoreTransport()
+        self.adapter_push = cfg.learner.lora is not None and cfg.learner.lora.push == "adapter"
 
     def serve(self, mailbox) -> None:
         """Answer the mailbox's messages in order until :class:`Stop`; a restarted group picks up the one in flight."""
@@ -656,15 +657,17 @@ class LearnerWorker:
             self.catch_up(message.round - 1)
             metrics, probe = self._train(message.round, message.shards[self.rank], message.version)
         self.trained_through = message.round
-        state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
+        state = None if self.adapter_push else gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
         if self.rank == 0:
             t0 = time.perf_counter()
-            push = self.transport.publish(state, message.version)
+            push = self.publish(state, message.version)
             metrics = {**metrics, "encode_s": time.perf_counter() - t0, "weights_nbytes": push.nbytes,
                        **self._replay_metrics()}
             reply(RoundResult(metrics, push, probe))
             self.transport.deliver()  # a broadcast completes once the driver hands the push to the generators
         if message.checkpoint and not written:  # off the critical path: the driver goes on meanwhile
+            if state is None:  # the push carried the adapters; the checkpoint holds the merged model too
+                state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
             save_checkpoint(self.engine, state, self.tokenizer, checkpoint_dir, self.rank, message.round, metrics,
                             probe)
 
@@ -731,10 +734,21 @@ class LearnerWorker:
 
     def publish_weights(self, message: PublishWeights, reply) -> None:
         self.catch_up(message.through_round)
-        state = gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
+        state = None if self.adapter_push else gathered_state_dict(self.engine, self.cfg.learner.zero_stage)
         if self.rank == 0:
-            reply(self.transport.publish(state, message.version))
+            reply(self.publish(state, message.version))
             self.transport.deliver()
+
+    def publish(self, state: dict | None, version: int) -> WeightPush:
+        """Rank 0: the push of the policy's weights, ``state``, or of its adapters alone (``learner.lora.push:
+        adapter``; LoRA holds the weights whole on every rank, so rank 0 has them)."""
+        if not self.adapter_push:
+            return self.transport.publish(state, version)
+        adapter = AdapterPayload(adapter_files(self.engine.module))
+        trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+        return WeightPush(version=version, payload=ray.put(adapter), n_params=sum(p.numel() for p in trained),
+                          nbytes=adapter.nbytes,
+                          dtype=",".join(sorted({str(p.dtype).removeprefix("torch.") for p in trained})))
 
     def open_broadcast(self, message: OpenBroadcast, reply) -> None:
         """Rank 0 serves the group's rendezvous: it answers with host and port, then waits for the generators."""

@@ -1,10 +1,14 @@
-"""LoRA through peft: the adapted policy, π_ref as the same model with its adapters off, merged weights out.
+"""LoRA through peft: the adapted policy, π_ref as the same model with its adapters off, merged weights or the
+adapters alone out.
 
-The generators, checkpoints' ``model.safetensors`` and exports keep the plain HF layout (W + ΔW for every adapted
-weight), so nothing downstream of the learner needs to know adapters exist; the adapters themselves are saved beside
-them for peft and vLLM's LoRA loading."""
+Checkpoints' ``model.safetensors`` and exports keep the plain HF layout (W + ΔW for every adapted weight), so
+nothing downstream of the learner needs to know adapters exist; the adapters themselves are saved beside them for
+peft and vLLM's LoRA loading, and are what a push carries with ``learner.lora.push: adapter``."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 from nashray.cluster.config import LoraConfig
 
@@ -58,3 +62,26 @@ def merged_state_dict(peft_model) -> dict:
             value = (value.float() + deltas[key].detach().float().cpu()).to(value.dtype)
         state[key] = value
     return state
+
+
+def adapter_files(peft_model) -> dict[str, bytes]:
+    """The active adapters as the files peft's ``save_pretrained`` writes (what vLLM's LoRA loader reads), by name."""
+    with tempfile.TemporaryDirectory(prefix="nashray-adapter-") as folder:
+        peft_model.save_pretrained(folder, safe_serialization=True)
+        return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+
+
+def adapted_module_names(model_path: str, lora: LoraConfig, trust_remote_code: bool = False) -> list[str]:
+    """The names (last dotted part) of the modules the adapters go on: ``target_modules`` as given, or for
+    ``all-linear`` every linear layer but the output embedding, as peft resolves it, read off the model built on the
+    meta device (no weights loaded)."""
+    if lora.target_modules != "all-linear":
+        return sorted(lora.target_modules)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    output = model.get_output_embeddings()
+    return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not output})
