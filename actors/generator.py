@@ -16,7 +16,7 @@ from nashray.actors.engines import build_engine
 from nashray.actors.sources import SOURCES
 from nashray.cluster.config import CampaignConfig
 from nashray.weights import (AdapterPayload, BroadcastManifest, NcclBroadcastTransport, WeightPush, fetch_payload,
-                             push_state_dict)
+                             payload_state_dict)
 
 PROMPT_KEYS = ("prompt_id", "prompt")
 
@@ -112,7 +112,7 @@ class GeneratorActor:
         elif isinstance(payload := fetch_payload(push), AdapterPayload):
             self.engine.load_adapter(payload, version)
         else:
-            self.engine.load_weights(push_state_dict(push))
+            self.engine.load_weights(payload_state_dict(payload, version))
         self._version = version
         self._pushes += 1
         self._push_s += time.perf_counter() - start

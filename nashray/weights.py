@@ -258,12 +258,16 @@ def fetch_payload(push: WeightPush):
 
 def push_state_dict(push: WeightPush, restore_ties: bool = True) -> "dict[str, torch.Tensor]":
     """The state dict of an inline (safetensors bytes) or object-store push."""
-    payload = fetch_payload(push)
+    return payload_state_dict(fetch_payload(push), push.version, restore_ties)
+
+
+def payload_state_dict(payload, version: int, restore_ties: bool = True) -> "dict[str, torch.Tensor]":
+    """The state dict of a fetched push payload (safetensors bytes or a :class:`TensorPayload`) of ``version``."""
     if isinstance(payload, TensorPayload):
         return payload.state_dict(restore_ties)
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return decode_state_dict(payload, restore_ties)
-    raise TypeError(f"weight push v{push.version} carries a {type(payload).__name__}, not safetensors bytes or an "
+    raise TypeError(f"weight push v{version} carries a {type(payload).__name__}, not safetensors bytes or an "
                     f"ObjectRef of a TensorPayload")
 
 
