@@ -38,7 +38,11 @@ def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids
     input_ids, attention, scored = (t.to(device) for t in pad_sequences(prompt_ids, response_ids, pad_id))
     first = max(min(len(p) for p in prompt_ids) - 1, 0)  # the first column whose logits predict a response token
     keep = input_ids.shape[1] - first
-    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+    # The columns as an index tensor, not as a count: HF slices the hidden states with it, and the count's slice is
+    # a non-contiguous view, which torch's matmul cannot fold into one mm when the LM head is frozen (π_ref, a LoRA
+    # policy's base): it then copies the LM-head weight once per row, 4× SmolLM2's whole forward (measured).
+    extra = ({"logits_to_keep": torch.arange(first, input_ids.shape[1], device=device)}
+             if _takes_logits_to_keep(model) else {})
     # The last `keep` columns whether or not the model honoured logits_to_keep; the final one predicts past the end.
     logits = model(input_ids=input_ids, attention_mask=attention, **extra).logits[:, -keep:-1].float()
     targets = input_ids[:, first + 1:]
