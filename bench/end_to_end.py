@@ -23,7 +23,12 @@ Not counted: loading the model and building the trainer (and TRL saves no checkp
 Pairs trained per second = training pairs of a step or round / its wall time; medians over the steps/rounds after
 the first (warm-up). Where time goes is recorded per phase on both sides.
 
-    .venv/bin/python bench/end_to_end.py [--models tiny,smollm2] [--steps 4] [--prompts 8] [--max-new-tokens 48]
+**K samples per prompt** (``--k 2,4``): nashray samples K per prompt and trains on all K·(K−1)/2 judged pairs, each
+sequence scored once for all its pairs; TRL, which always draws 2, gets ``--prompts`` × K·(K−1)/2 prompts a step, so
+both sides train the same number of pairs per step/round (one optimizer step each). The targets apply to K = 2.
+
+    .venv/bin/python bench/end_to_end.py [--models tiny,smollm2] [--k 2,4] [--steps 4] [--prompts 8]
+                                         [--max-new-tokens 48]
 
 Writes ``bench/results/end_to_end.json``.
 """
@@ -115,7 +120,8 @@ def trl_side(folder: str, args: dict, mode: str) -> dict:
     torch.set_num_threads(args["threads"])
     if mode == "vllm_colocate":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    prompts = [p for step in round_prompts(args["steps"], args["prompts"]) for p in step]
+    pairs = pairs_per_round(args)  # TRL draws 2 samples a prompt: one pair each
+    prompts = [p for step in round_prompts(args["steps"], pairs) for p in step]
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     tokenizer = load_tokenizer(folder)
     model = load_causal_lm(folder, "bfloat16" if mode in ("hf_bf16", "vllm_colocate") else "float32")
@@ -128,13 +134,13 @@ def trl_side(folder: str, args: dict, mode: str) -> dict:
             self.judge_before, self.gen_before = reward.seconds, generation["s"]
 
         def on_step_end(self, *_, **__):
-            steps.append({"wall_s": time.perf_counter() - self.start, "pairs": args["prompts"],
+            steps.append({"wall_s": time.perf_counter() - self.start, "pairs": pairs,
                           "judge_s": reward.seconds - self.judge_before,
                           "generate_s": generation["s"] - self.gen_before, "load_1m": self.load})
             print("trl step", {k: round(v, 3) for k, v in steps[-1].items()}, flush=True)
 
     config = OnlineDPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="nashray-bench-trl-"), per_device_train_batch_size=args["prompts"],
+        output_dir=tempfile.mkdtemp(prefix="nashray-bench-trl-"), per_device_train_batch_size=pairs,
         gradient_accumulation_steps=1, max_steps=args["steps"], learning_rate=2e-6, beta=[0.1],
         max_new_tokens=args["max_new_tokens"], temperature=1.0, top_p=1.0, max_length=96 + args["max_new_tokens"],
         bf16=mode != "hf_fp32", use_cpu=True, save_strategy="no", report_to="none", logging_steps=1,
@@ -187,6 +193,12 @@ class RoundRecorder(Progress):
         self.peaks = process_tree_peaks()
 
 
+def pairs_per_round(args: dict) -> int:
+    """Judged pairs a nashray round trains on (all pairs of its K samples per prompt): TRL's batch of prompts."""
+    k = args.get("k", 2)
+    return args["prompts"] * k * (k - 1) // 2
+
+
 def nashray_config(folder: str, args: dict, run_dir: str) -> dict:
     threads = args["threads"]
     return {
@@ -196,11 +208,13 @@ def nashray_config(folder: str, args: dict, run_dir: str) -> dict:
         "generators": {"count": 1, "engine": "vllm", "kv_cache_gib": 1, "resources": {"num_cpus": threads},
                        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": args["max_new_tokens"]}},
         "judges": {"count": 1, "oracle": {"kind": "rule", "rule": "concise_answer"}, "strategy": "all_pairs"},
-        "learner": {"workers": 1, "zero_stage": 0, "precision": "bf16", "micro_batch_size": args["prompts"],
+        # one optimizer step a round, as TRL's one step a batch
+        "learner": {"workers": 1, "zero_stage": 0, "precision": "bf16", "micro_batch_size": pairs_per_round(args),
                     "optimizer": {"name": "adamw", "lr": 2e-6}, "threads_per_worker": threads,
                     "resources": {"num_cpus": threads}},
         "data": {"prompts": "builtin:demo", "eval_fraction": 0.0},
-        "schedule": {"rounds": args["steps"], "prompts_per_round": args["prompts"], "samples_per_prompt": 2},
+        "schedule": {"rounds": args["steps"], "prompts_per_round": args["prompts"],
+                     "samples_per_prompt": args.get("k", 2)},
         "storage": {"run_dir": run_dir},
         # no held-out evaluation and no ranking-accuracy forward: TRL's step pays for neither
         "evaluation": {"every_rounds": 0, "ranking_accuracy": False},
@@ -282,7 +296,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--steps", type=int, default=4, help="steps (TRL) and rounds (nashray); the first is warm-up")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per step/round = pairs per step/round")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per nashray round (× K·(K−1)/2 pairs)")
+    parser.add_argument("--k", default="2", help="samples per prompt on nashray's side, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--trl-modes", default=",".join(TRL_MODES),
@@ -297,27 +312,36 @@ def main() -> None:
     models, summary = {}, []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         folder = resolve_model(name, workdir)
-        trl_attempts, trl = [], None
-        for mode in [m.strip() for m in args.trl_modes.split(",") if m.strip()]:
-            result = in_child("trl", folder, shared, mode)
-            trl_attempts.append({"mode": mode, "error": result.get("error")})
-            if "error" not in result:
-                trl = result
-                break
-        ours = in_child("nashray", folder, shared)
-        entry = {"model": folder, "trl_attempts": trl_attempts, "trl": trl, "nashray": ours}
-        if trl and "error" not in ours:
-            entry["trl"]["pairs_per_s"] = pairs_per_s(trl["steps"])
-            entry["nashray"]["pairs_per_s"] = pairs_per_s(ours["steps"])
-            a, b = entry["nashray"]["pairs_per_s"]["median"], entry["trl"]["pairs_per_s"]["median"]
-            target = TARGETS.get(name)
-            summary.append(summary_row(
-                f"end to end pairs/s, {name}, {args.prompts} prompts × 2 samples, {args.max_new_tokens} new tokens",
-                a, b, "pairs/s", f"≥ {target:g}× TRL" if target else None,
-                (a >= target * b) if target else None, f"TRL OnlineDPOTrainer ({trl['mode']})"))
-        models[name] = entry
-        run.result.update(models=models, summary=summary)
-        run.write(args.out)  # after each model: a later failure keeps what was measured
+        for k in [int(x) for x in args.k.split(",") if x.strip()]:
+            variant = {**shared, "k": k}
+            pairs = pairs_per_round(variant)
+            trl_attempts, trl = [], None
+            for mode in [m.strip() for m in args.trl_modes.split(",") if m.strip()]:
+                result = in_child("trl", folder, variant, mode)
+                trl_attempts.append({"mode": mode, "error": result.get("error")})
+                if "error" not in result:
+                    trl = result
+                    break
+            ours = in_child("nashray", folder, variant)
+            entry = {"model": folder, "k": k, "pairs_per_step": pairs, "trl_attempts": trl_attempts, "trl": trl,
+                     "nashray": ours}
+            if trl and "error" not in ours:
+                entry["trl"]["pairs_per_s"] = pairs_per_s(trl["steps"])
+                entry["nashray"]["pairs_per_s"] = pairs_per_s(ours["steps"])
+                a, b = entry["nashray"]["pairs_per_s"]["median"], entry["trl"]["pairs_per_s"]["median"]
+                target = TARGETS.get(name) if k == 2 else None
+                what = (f"{args.prompts} prompts × 2 samples" if k == 2 else
+                        f"{args.prompts} prompts × K={k}, all {pairs} pairs (TRL: {pairs} prompts × 2)")
+                summary.append(summary_row(
+                    f"end to end pairs/s, {name}, {what}, {args.max_new_tokens} new tokens", a, b, "pairs/s",
+                    f"≥ {target:g}× TRL" if target else None, (a >= target * b) if target else None,
+                    f"TRL OnlineDPOTrainer ({trl['mode']})",
+                    note=f"per-step spread: nashray {entry['nashray']['pairs_per_s']['min']:.3g}–"
+                         f"{entry['nashray']['pairs_per_s']['max']:.3g}, TRL {entry['trl']['pairs_per_s']['min']:.3g}–"
+                         f"{entry['trl']['pairs_per_s']['max']:.3g}"))
+            models[name if k == 2 else f"{name}_k{k}"] = entry
+            run.result.update(models=models, summary=summary)
+            run.write(args.out)  # after each variant: a later failure keeps what was measured
     for row in summary:
         print(row)
 
