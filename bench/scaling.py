@@ -6,7 +6,11 @@ first a warm-up; the round wall time is the median of the others, with its phase
 the base point (``--base-prompts`` prompts, K = 2, one generator). All pairs of the K samples are judged and
 trained on (K·(K−1)/2 per prompt), in micro-batches of 8.
 
-    .venv/bin/python bench/scaling.py [--prompts 4,16,48] [--k 2,4,8] [--generators 1,2] [--rounds 3]
+Along K the question is whether a round grows like the samples (K) or like the pairs (K·(K−1)/2, ~K²): besides the
+line, a least-squares fit of log(time) against log(K) gives the exponent p of time ∝ K^p, for the round and for the
+learner's part (π_t/π_ref log-probs + training).
+
+    .venv/bin/python bench/scaling.py [--model tiny] [--prompts 4,16,48] [--k 2,4,8] [--generators 1,2] [--rounds 3]
 
 Writes ``bench/results/scaling.json``.
 """
@@ -14,6 +18,7 @@ Writes ``bench/results/scaling.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -39,8 +44,14 @@ def fit_line(xs: list[float], ys: list[float]) -> dict:
     return {"fixed_s": round(my - slope * mx, 3), "per_unit_s": round(slope, 4)}
 
 
+def power_law(xs: list[float], ys: list[float]) -> float:
+    """p of the least-squares fit y ∝ x^p (log y against log x)."""
+    return round(fit_line([math.log(x) for x in xs], [math.log(y) for y in ys])["per_unit_s"], 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     parser.add_argument("--prompts", default="4,16,48", help="at most the 48 demo prompts: more repeat prompts")
     parser.add_argument("--k", default="2,4,8")
     parser.add_argument("--generators", default="1,2")
@@ -52,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_environment()
     run = Run("scaling", vars(args))
-    folder = resolve_model("tiny", Path(tempfile.mkdtemp(prefix="nashray-bench-scaling-")))
+    folder = resolve_model(args.model, Path(tempfile.mkdtemp(prefix="nashray-bench-scaling-")))
     base = {"prompts": args.base_prompts, "k": 2, "generators": 1}
     points = [{**base, "prompts": p} for p in _ints(args.prompts)]
     points += [{**base, "k": k} for k in _ints(args.k)]
@@ -99,10 +110,16 @@ def main() -> None:
             trends[axis]["per_pair_s"] = fit_line([r["pairs_per_round"] for r in points_axis],
                                                   [r["round_s"] for r in points_axis])["per_unit_s"]
             first, last = points_axis[0], points_axis[-1]
+            note = f"≈ {trends[axis]['fixed_s']:.2f} s fixed + {trends[axis]['per_unit_s']:.3f} s per {unit}"
+            if axis == "k":
+                learner = [r["phases_s"]["logprob_s"] + r["phases_s"]["train_s"] for r in points_axis]
+                trends[axis]["exponent"] = power_law([r["k"] for r in points_axis], [r["round_s"] for r in points_axis])
+                trends[axis]["learner_exponent"] = power_law([r["k"] for r in points_axis], learner)
+                note += (f"; round ∝ K^{trends[axis]['exponent']:.2f}, learner ∝ K^"
+                         f"{trends[axis]['learner_exponent']:.2f} (pairs ∝ K(K−1)/2)")
             summary.append(summary_row(
-                f"round time, {axis} {first[axis]} → {last[axis]} (tiny model)", last["round_s"], first["round_s"],
-                "s", note=f"≈ {trends[axis]['fixed_s']:.2f} s fixed + {trends[axis]['per_unit_s']:.3f} s per {unit}",
-                baseline_name=f"{axis} = {first[axis]}"))
+                f"round time, {axis} {first[axis]} → {last[axis]} ({args.model} model)", last["round_s"],
+                first["round_s"], "s", note=note, baseline_name=f"{axis} = {first[axis]}"))
     run.result.update(points=rows, trends=trends, summary=summary, base=base)
     run.write(args.out)
     for row in summary:
