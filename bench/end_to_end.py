@@ -11,6 +11,10 @@ judge actor, one DeepSpeed learner worker (bf16, ``--threads`` threads, micro-ba
 DPO, evaluation and the ranking-accuracy pass off. Counted: the wall time of each round, from the start of its
 generate phase to its state.json (generate, judge, training records and their parquet dataset, π_ref log-probs,
 training, checkpoint, weight push to the generator and its log-prob check). Not counted: starting Ray, the actors, the engine and the learner.
+Checkpoints: TRL's side saves none (``save_strategy="no"``); nashray's measured side writes one, after the last round
+(``storage.checkpoint_every`` = rounds: a resume trains the rounds since from their persisted datasets). At K = 2 a
+second nashray campaign writes one every round (the default; for SmolLM2 ≈ 2 GB of optimizer state and weights),
+reported next to it with its own row and no target.
 
 **TRL** (``trl.experimental.online_dpo.OnlineDPOTrainer``, in its fastest configuration that works here, see
 ``--trl-modes``): TRL 1.x takes reward functions, not judges; :class:`PairwiseOracleReward` adapts a pairwise
@@ -215,7 +219,7 @@ def nashray_config(folder: str, args: dict, run_dir: str) -> dict:
         "data": {"prompts": "builtin:demo", "eval_fraction": 0.0},
         "schedule": {"rounds": args["steps"], "prompts_per_round": args["prompts"],
                      "samples_per_prompt": args.get("k", 2)},
-        "storage": {"run_dir": run_dir},
+        "storage": {"run_dir": run_dir, "checkpoint_every": args.get("checkpoint_every", 1)},
         # no held-out evaluation and no ranking-accuracy forward: TRL's step pays for neither
         "evaluation": {"every_rounds": 0, "ranking_accuracy": False},
     }
@@ -313,7 +317,7 @@ def main() -> None:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         folder = resolve_model(name, workdir)
         for k in [int(x) for x in args.k.split(",") if x.strip()]:
-            variant = {**shared, "k": k}
+            variant = {**shared, "k": k, "checkpoint_every": args.steps}
             pairs = pairs_per_round(variant)
             trl_attempts, trl = [], None
             for mode in [m.strip() for m in args.trl_modes.split(",") if m.strip()]:
@@ -325,19 +329,26 @@ def main() -> None:
             ours = in_child("nashray", folder, variant)
             entry = {"model": folder, "k": k, "pairs_per_step": pairs, "trl_attempts": trl_attempts, "trl": trl,
                      "nashray": ours}
-            if trl and "error" not in ours:
+            if k == 2:
+                every_round = {**variant, "checkpoint_every": 1}
+                entry["nashray_checkpoint_every_round"] = in_child("nashray", folder, every_round)
+            if trl:
                 entry["trl"]["pairs_per_s"] = pairs_per_s(trl["steps"])
-                entry["nashray"]["pairs_per_s"] = pairs_per_s(ours["steps"])
-                a, b = entry["nashray"]["pairs_per_s"]["median"], entry["trl"]["pairs_per_s"]["median"]
-                target = TARGETS.get(name) if k == 2 else None
-                what = (f"{args.prompts} prompts × 2 samples" if k == 2 else
-                        f"{args.prompts} prompts × K={k}, all {pairs} pairs (TRL: {pairs} prompts × 2)")
+            what = (f"{args.prompts} prompts × 2 samples" if k == 2 else
+                    f"{args.prompts} prompts × K={k}, all {pairs} pairs (TRL: {pairs} prompts × 2)")
+            sides = [("nashray", "", TARGETS.get(name) if k == 2 else None),
+                     ("nashray_checkpoint_every_round", ", nashray checkpointing every round", None)]
+            for side, label, target in sides:
+                if not trl or side not in entry or "error" in entry[side]:
+                    continue
+                entry[side]["pairs_per_s"] = pairs_per_s(entry[side]["steps"])
+                a, b = entry[side]["pairs_per_s"]["median"], entry["trl"]["pairs_per_s"]["median"]
                 summary.append(summary_row(
-                    f"end to end pairs/s, {name}, {what}, {args.max_new_tokens} new tokens", a, b, "pairs/s",
+                    f"end to end pairs/s, {name}, {what}{label}, {args.max_new_tokens} new tokens", a, b, "pairs/s",
                     f"≥ {target:g}× TRL" if target else None, (a >= target * b) if target else None,
                     f"TRL OnlineDPOTrainer ({trl['mode']})",
-                    note=f"per-step spread: nashray {entry['nashray']['pairs_per_s']['min']:.3g}–"
-                         f"{entry['nashray']['pairs_per_s']['max']:.3g}, TRL {entry['trl']['pairs_per_s']['min']:.3g}–"
+                    note=f"per-step spread: nashray {entry[side]['pairs_per_s']['min']:.3g}–"
+                         f"{entry[side]['pairs_per_s']['max']:.3g}, TRL {entry['trl']['pairs_per_s']['min']:.3g}–"
                          f"{entry['trl']['pairs_per_s']['max']:.3g}"))
             models[name if k == 2 else f"{name}_k{k}"] = entry
             run.result.update(models=models, summary=summary)

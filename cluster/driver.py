@@ -22,9 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import ray
-import ray.data
 
 from nashray.actors.generator import GeneratorActor
 from nashray.actors.judge import JudgeActor
@@ -262,9 +260,10 @@ class Campaign:
         if not (train_dir / DATASET_DONE).exists():
             tmp = train_dir.with_name(train_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            # The round's actors may hold every CPU of the cluster: Ray Data's tasks must not wait for one.
-            ray.data.from_arrow(pa.Table.from_pylist(records)).write_parquet(str(tmp),
-                                                                            ray_remote_args={"num_cpus": 0})
+            # Written here, where the records are: a Ray Data write of the same file is a streaming execution that
+            # costs ~0.08 s a round for kilobytes (a fifth of a small model's round).
+            tmp.mkdir(parents=True)
+            write_table(tmp / "records-0.parquet", records)
             (tmp / DATASET_DONE).write_text(str(len(records)))
             shutil.rmtree(train_dir, ignore_errors=True)
             tmp.rename(train_dir)
