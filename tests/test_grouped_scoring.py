@@ -224,6 +224,36 @@ def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm):
     assert batched[3] == 0.0
 
 
+def test_cpu_attention_follows_the_batch_width(tiny_llm):
+    """Eager attention up to EAGER_ATTENTION_MAX_COLUMNS columns, SDPA above, on CPU; the log-probs and their gradient
+    are the same either way (fp32), so the choice is speed alone."""
+    from nashray.trainers.logprobs import EAGER_ATTENTION_MAX_COLUMNS, causal_lm_sequence_logprobs
+
+    model, scorer = tiny_llm
+    g = torch.Generator().manual_seed(6)
+    vocab = model.config.vocab_size
+    for width, expected in ((40, "eager"), (EAGER_ATTENTION_MAX_COLUMNS + 20, "sdpa")):
+        prompts = random_tokens(g, vocab, (width - 25, 7))
+        responses = random_tokens(g, vocab, (25, 4))
+        results = {}
+        for start in ("sdpa", "eager"):
+            model.set_attn_implementation(start)
+            model.zero_grad()
+            logp = causal_lm_sequence_logprobs(model, prompts, responses, scorer.pad_id)
+            assert model.config._attn_implementation == expected
+            logp.sum().backward()
+            results[start] = (logp.detach(), model.model.embed_tokens.weight.grad.clone())
+        model.set_attn_implementation("sdpa" if expected == "eager" else "eager")  # the row alone, the other way
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([prompts[0] + responses[0]])).logits[0, :-1].float().log_softmax(-1)
+        positions = torch.arange(len(prompts[0]) - 1, width - 1)
+        alone = out[positions, torch.tensor(responses[0])].sum()
+        torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(results["sdpa"][1], results["eager"][1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(results["eager"][0][0], alone, rtol=0, atol=1e-5)
+    model.set_attn_implementation("sdpa")
+
+
 def test_all_pairs_sequences_per_pass_fall_from_pairs_to_samples():
     """K = 4 all-pairs: 6 records and 12 record sequences per prompt, 4 distinct ones scored."""
     records = [{"prompt_ids": [1, 2], "a_ids": [10 + i], "b_ids": [10 + j], "x_ids": [], "target": 1.0,

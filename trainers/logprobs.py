@@ -21,10 +21,31 @@ def pad_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
     return input_ids, attention, scored
 
 
-def _takes_logits_to_keep(model) -> bool:
+# Up to this many columns, eager attention (two bmm and a softmax) beats SDPA on CPU, whose flash-attention backward
+# is slower than the matmuls it avoids on short sequences. SmolLM2, bf16, 2 threads, forward + backward of ~1 400
+# tokens: 2.14 vs 2.67 s at 88 columns, 2.41 vs 2.54 at 256; 2.81 vs 2.73 at 512, 8.4 vs 3.5 at 1 536.
+EAGER_ATTENTION_MAX_COLUMNS = 384
+
+
+def _transformers_model(model):
     module = getattr(model, "module", model)  # a DeepSpeed engine's model
-    module = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft passes kwargs through
-    return "logits_to_keep" in inspect.signature(module.forward).parameters
+    return module.get_base_model() if hasattr(module, "get_base_model") else module  # peft passes kwargs through
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(_transformers_model(model).forward).parameters
+
+
+def pick_cpu_attention(model, columns: int, device: torch.device) -> None:
+    """On CPU, eager attention for batches up to :data:`EAGER_ATTENTION_MAX_COLUMNS` columns and SDPA above; a model
+    on an accelerator, or loaded with another implementation (flash-attention, a kernel), keeps its own."""
+    module = _transformers_model(model)
+    current = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if device.type != "cpu" or current not in ("eager", "sdpa"):
+        return
+    wanted = "eager" if columns <= EAGER_ATTENTION_MAX_COLUMNS else "sdpa"
+    if wanted != current:
+        module.set_attn_implementation(wanted)
 
 
 def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -36,6 +57,7 @@ def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids
     layer of a small model. log π(y_t) = logit[y_t] − logsumexp(logits), without a [B, T, V] log-softmax copy."""
     device = next(model.parameters()).device
     input_ids, attention, scored = (t.to(device) for t in pad_sequences(prompt_ids, response_ids, pad_id))
+    pick_cpu_attention(model, input_ids.shape[1], device)
     first = max(min(len(p) for p in prompt_ids) - 1, 0)  # the first column whose logits predict a response token
     keep = input_ids.shape[1] - first
     # The columns as an index tensor, not as a count: HF slices the hidden states with it, and the count's slice is
