@@ -41,7 +41,9 @@ def pick_cpu_attention(model, columns: int, device: torch.device) -> None:
     on an accelerator, or loaded with another implementation (flash-attention, a kernel), keeps its own."""
     module = _transformers_model(model)
     current = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    if device.type != "cpu" or current not in ("eager", "sdpa"):
+    # False for a model whose attention code does not go through transformers' attention functions
+    switchable = getattr(module, "_can_set_attn_implementation", lambda: False)()
+    if device.type != "cpu" or current not in ("eager", "sdpa") or not switchable:
         return
     wanted = "eager" if columns <= EAGER_ATTENTION_MAX_COLUMNS else "sdpa"
     if wanted != current:
