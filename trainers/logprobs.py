@@ -22,7 +22,7 @@ def pad_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pa
 
 
 # Up to this many columns, eager attention (two bmm and a softmax) beats SDPA on CPU, whose flash-attention backward
-# is slower than the matmuls it avoids on short sequences. SmolLM2, bf16, 2 threads, forward + backward of ~1 400
+# is slower than the matmuls it avoids on short sequences. SmolLM2, bf16, 2 threads, forward + backward of 1 400–1 500
 # tokens: 2.14 vs 2.67 s at 88 columns, 2.41 vs 2.54 at 256; 2.81 vs 2.73 at 512, 8.4 vs 3.5 at 1 536.
 EAGER_ATTENTION_MAX_COLUMNS = 384
 
