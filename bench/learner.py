@@ -15,9 +15,11 @@ FLOPs (dense-transformer approximation; attention's sequence-squared terms, unde
 with N parameters (SmolLM2 ties the LM head to the embeddings: the LM-head matmul is counted once, the embedding
 lookup is free) and T tokens processed (prompt + response of both sequences of each pair, padding excluded),
 one round of online DPO costs 2·N·T for the no-grad π_ref forward (computed once, before the first update) plus
-6·N·T for the policy's forward and backward: 8·N·T. MFU = (8·N·T) / (logprob_s + train_s) / peak.
+6·N·T for the policy's forward and backward: 8·N·T. The campaign's default ``evaluation.ranking_accuracy`` adds one
+no-grad forward by π_t (the DPO losses need no π_t of their own), 2·N·T more, counted when the round reports a
+ranking accuracy. MFU = (8 or 10)·N·T / (logprob_s + train_s) / peak.
 
-    .venv/bin/python bench/learner.py [--rounds 3] [--pairs 16] [--response-tokens 48] [--threads 2] [--profile]
+    .venv/bin/python bench/learner.py [--rounds 5] [--pairs 16] [--response-tokens 48] [--threads 2] [--profile]
 
 Writes ``bench/results/learner.json``.
 """
@@ -125,11 +127,15 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
         tokens = processed_tokens(records)
         shards = ray.data.from_arrow(pa.Table.from_pylist(records)).split(1, equal=True)
         t0 = time.perf_counter()
-        result = learner.train_round(t, shards, run_dir.checkpoint_dir(t), t + 1).metrics
+        # One checkpoint, after the last round (storage.checkpoint_every = rounds, as in bench/end_to_end.py): a
+        # round's 2 GB checkpoint goes on writing, in the worker and in the kernel's writeback, into the next
+        # round's compute on 2 cores. Its own cost is the profile's `checkpoint`.
+        result = learner.train_round(t, shards, run_dir.checkpoint_dir(t), t + 1,
+                                     checkpoint=t == args.rounds - 1).metrics
         wall = time.perf_counter() - t0
         compute_s = result["logprob_s"] + result["train_s"]
-        flops = 8 * n_params * tokens
-        row = {"round": t, "pairs": args.pairs, "steps": result["steps"], "tokens": tokens,
+        flops = (8 + 2 * (result.get("ranking_accuracy") is not None)) * n_params * tokens
+        row = {"round": t, "pairs": args.pairs, "steps": result["steps"], "tokens": tokens, "flops": flops,
                "logprob_s": result["logprob_s"], "train_s": result["train_s"], "encode_s": result.get("encode_s"),
                "round_wall_s": wall, "checkpoint_and_other_s": wall - compute_s - (result.get("encode_s") or 0),
                "tokens_per_s": tokens / compute_s, "train_tokens_per_s_reported": result["train_tokens_per_s"],
@@ -241,7 +247,7 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--response-tokens", type=int, default=48)
     parser.add_argument("--micro-batch", type=int, default=8)

@@ -204,8 +204,9 @@ def test_no_grad_pass_scores_each_distinct_sequence_once_in_the_forwards_asked(t
 
 
 def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm):
-    """Logits only from the shortest prompt's last token on, padded rows of different prompt and response lengths
-    (one response empty): each row equals the full log-softmax of its sequence forwarded alone."""
+    """The LM head sees only the scored positions of padded rows of different prompt and response lengths (one
+    response empty): each row's log-prob and the gradient of their sum equal the full log-softmax of each sequence
+    forwarded alone (fp32)."""
     from nashray.trainers.logprobs import causal_lm_sequence_logprobs
 
     model, scorer = tiny_llm
@@ -213,15 +214,22 @@ def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm):
     vocab = model.config.vocab_size
     prompts = random_tokens(g, vocab, (5, 12, 1, 7))
     responses = random_tokens(g, vocab, (9, 3, 6, 0))
-    with torch.no_grad():
-        batched = causal_lm_sequence_logprobs(model, prompts, responses, scorer.pad_id)
-        alone = []
-        for p, r in zip(prompts, responses):
-            logp = model(input_ids=torch.tensor([p + r])).logits[0, :-1].float().log_softmax(-1)
-            positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-            alone.append(logp[positions, torch.tensor(r, dtype=torch.long)].sum())
-    torch.testing.assert_close(batched, torch.stack(alone), rtol=0, atol=1e-5)
+    model.zero_grad()
+    batched = causal_lm_sequence_logprobs(model, prompts, responses, scorer.pad_id)
+    batched.sum().backward()
+    batched_grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = []
+    for p, r in zip(prompts, responses):
+        logp = model(input_ids=torch.tensor([p + r])).logits[0, :-1].float().log_softmax(-1)
+        positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+        alone.append(logp[positions, torch.tensor(r, dtype=torch.long)].sum())
+    torch.stack(alone).sum().backward()
+    torch.testing.assert_close(batched.detach(), torch.stack(alone).detach(), rtol=0, atol=1e-5)
+    for mine, reference in zip(batched_grad, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
     assert batched[3] == 0.0
+    model.zero_grad()
 
 
 def test_cpu_attention_follows_the_batch_width(tiny_llm):
@@ -250,7 +258,8 @@ def test_cpu_attention_follows_the_batch_width(tiny_llm):
         alone = out[positions, torch.tensor(responses[0])].sum()
         torch.testing.assert_close(results["sdpa"][0], results["eager"][0], rtol=0, atol=1e-5)
         torch.testing.assert_close(results["sdpa"][1], results["eager"][1], rtol=0, atol=1e-6)
-        torch.testing.assert_close(results["eager"][0][0], alone, rtol=0, atol=1e-5)
+        # a sum of ~150 nats: fp32 resolves it to ~1.5e-5, hence the relative tolerance
+        torch.testing.assert_close(results["eager"][0][0], alone, rtol=1e-6, atol=1e-5)
     model.set_attn_implementation("sdpa")
 
 

@@ -54,21 +54,34 @@ def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids
                                 pad_id: int) -> torch.Tensor:
     """Σ log π(y_t | x, y_<t) over each response's tokens, in float32 whatever the model's dtype; shape [B].
 
-    Logits are computed only from the shortest prompt's last token on (HF ``logits_to_keep``): the columns before it
-    predict prompt tokens, which no loss scores, and the LM head with its vocabulary-wide log-softmax is the widest
-    layer of a small model. log π(y_t) = logit[y_t] − logsumexp(logits), without a [B, T, V] log-softmax copy."""
+    The LM head with its vocabulary-wide log-softmax is the widest layer of a small model, so it sees only the
+    hidden states that predict a response token: HF ``logits_to_keep`` drops the columns before the shortest
+    prompt's last token, and a pre-hook on the output embeddings keeps, of the rest, the scored positions alone
+    (not the longer prompts' tails, not the padding). log π(y_t) = logit[y_t] − logsumexp(logits)."""
     device = next(model.parameters()).device
     input_ids, attention, scored = (t.to(device) for t in pad_sequences(prompt_ids, response_ids, pad_id))
     pick_cpu_attention(model, input_ids.shape[1], device)
+    rows, columns = scored[:, 1:].nonzero(as_tuple=True)  # column c's logits predict token c + 1
+    targets = input_ids[rows, columns + 1]
     first = max(min(len(p) for p in prompt_ids) - 1, 0)  # the first column whose logits predict a response token
-    keep = input_ids.shape[1] - first
     # The columns as an index tensor, not as a count: HF slices the hidden states with it, and the count's slice is
     # a non-contiguous view, which torch's matmul cannot fold into one mm when the LM head is frozen (π_ref, a LoRA
     # policy's base): it then copies the LM-head weight once per row, 4× SmolLM2's whole forward (measured).
-    extra = ({"logits_to_keep": torch.arange(first, input_ids.shape[1], device=device)}
-             if _takes_logits_to_keep(model) else {})
-    # The last `keep` columns whether or not the model honoured logits_to_keep; the final one predicts past the end.
-    logits = model(input_ids=input_ids, attention_mask=attention, **extra).logits[:, -keep:-1].float()
-    targets = input_ids[:, first + 1:]
-    token_logp = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logp * scored[:, first + 1:]).sum(-1)
+    kept = _takes_logits_to_keep(model)
+    extra = {"logits_to_keep": torch.arange(first, input_ids.shape[1], device=device)} if kept else {}
+    offset = first if kept else 0
+
+    def scored_positions_only(_head, args):
+        return (args[0][rows, columns - offset],) + tuple(args[1:])
+
+    hook = _transformers_model(model).get_output_embeddings().register_forward_pre_hook(scored_positions_only)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention, **extra).logits.float()
+    finally:
+        hook.remove()
+    if logits.shape != (len(rows), logits.shape[-1]):
+        raise RuntimeError(f"{type(_transformers_model(model)).__name__} reshapes its LM head's output "
+                           f"({tuple(logits.shape)} for {len(rows)} scored positions); nashray's log-probs need "
+                           f"the logits as the head returns them")
+    token_logp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+    return torch.zeros(len(prompt_ids), device=device).index_add(0, rows, token_logp)
