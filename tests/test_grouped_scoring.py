@@ -203,17 +203,23 @@ def test_no_grad_pass_scores_each_distinct_sequence_once_in_the_forwards_asked(t
                 torch.testing.assert_close(scored[name], expected[name], rtol=0, atol=1e-5)
 
 
-def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm):
-    """The LM head sees only the scored positions of padded rows of different prompt and response lengths (one
-    response empty): each row's log-prob and the gradient of their sum equal the full log-softmax of each sequence
-    forwarded alone (fp32)."""
-    from nashray.trainers.logprobs import causal_lm_sequence_logprobs
+@pytest.mark.parametrize("prompt_lengths, response_lengths, layout", [
+    ((5, 12, 1, 7), (9, 3, 6, 0), "padded"),            # 4 rows of 15 slots; packing would save 2 of 60
+    ((5, 12, 1, 7, 3, 2), (9, 3, 6, 0, 2, 1), "packed"),  # 2 rows of 29 instead of 6 of 15
+])
+def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm, prompt_lengths, response_lengths, layout):
+    """Padded rows or packed ones (sequences end to end, positions restarting), of different prompt and response
+    lengths (one response empty), the LM head fed only the scored positions: each sequence's log-prob and the
+    gradient of their sum equal the full log-softmax of each sequence forwarded alone (fp32)."""
+    from nashray.trainers.logprobs import causal_lm_sequence_logprobs, sequence_layout
 
     model, scorer = tiny_llm
     g = torch.Generator().manual_seed(5)
     vocab = model.config.vocab_size
-    prompts = random_tokens(g, vocab, (5, 12, 1, 7))
-    responses = random_tokens(g, vocab, (9, 3, 6, 0))
+    prompts = random_tokens(g, vocab, prompt_lengths)
+    responses = random_tokens(g, vocab, response_lengths)
+    inputs, _, _ = sequence_layout(model, prompts, responses, scorer.pad_id)
+    assert ("position_ids" in inputs) == (layout == "packed")
     model.zero_grad()
     batched = causal_lm_sequence_logprobs(model, prompts, responses, scorer.pad_id)
     batched.sum().backward()
@@ -225,11 +231,17 @@ def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm):
         positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
         alone.append(logp[positions, torch.tensor(r, dtype=torch.long)].sum())
     torch.stack(alone).sum().backward()
-    torch.testing.assert_close(batched.detach(), torch.stack(alone).detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched.detach(), torch.stack(alone).detach(), rtol=1e-6, atol=1e-5)
     for mine, reference in zip(batched_grad, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
     assert batched[3] == 0.0
     model.zero_grad()
+
+
+def test_first_fit_rows_put_the_longest_first_and_fill_each_row():
+    from nashray.trainers.logprobs import first_fit_rows
+    assert first_fit_rows([7, 15, 14, 7, 5], 30) == [[1, 2], [0, 3, 4]]
+    assert first_fit_rows([10, 10, 10], 10) == [[0], [1], [2]]
 
 
 def test_cpu_attention_follows_the_batch_width(tiny_llm):
