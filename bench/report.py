@@ -51,10 +51,17 @@ def machine_line(results: list[dict]) -> str:
     if not results:
         return ""
     m = max((r["machine"] for r in results if "machine" in r), key=len)  # the fullest description
+    files_by_cpu: dict[str, list[str]] = {}
+    for r in results:
+        if "machine" in r:
+            files_by_cpu.setdefault(r["machine"]["cpu_model"], []).append(r["file"])
+    most = max(files_by_cpu, key=lambda cpu: len(files_by_cpu[cpu]))
+    others = "".join(f"; {cpu} for {', '.join(f'`{f}`' for f in files)}"
+                     for cpu, files in files_by_cpu.items() if cpu != most)
     packages = ", ".join(f"{k} {v}" for k, v in m.get("packages", {}).items())
-    return (f"Machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_total_gib']} GiB, {m['platform']}; "
-            f"{packages}. Each row gives the 1-minute load average at the start and end of its benchmark (2.0 = "
-            f"both cores busy).")
+    return (f"Machine: {most}{' for the other files' if others else ''}{others}; {m['nproc']} cores, "
+            f"{m['mem_total_gib']} GiB, {m['platform']}; {packages}. Each row gives the 1-minute load average at "
+            f"the start and end of its benchmark (2.0 = both cores busy).")
 
 
 def algorithms_table(result: dict) -> str:
