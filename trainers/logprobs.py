@@ -7,20 +7,6 @@ import sys
 import torch
 
 
-def pad_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int):
-    """One right-padded row per sequence: the model's inputs (``input_ids``, ``attention_mask``), each token's
-    sequence (-1: padding) and a mask of the response tokens (the ones scored)."""
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    input_ids = torch.full((len(lengths), max(lengths)), pad_id, dtype=torch.long)
-    owner = torch.full(input_ids.shape, -1, dtype=torch.long)
-    scored = torch.zeros(input_ids.shape, dtype=torch.bool)
-    for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        input_ids[row, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        owner[row, : len(p) + len(r)] = row
-        scored[row, len(p): len(p) + len(r)] = True
-    return {"input_ids": input_ids, "attention_mask": (owner >= 0).long()}, owner, scored
-
-
 def first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
     """Sequence indices per row, longest first, each into the first row with room for it within ``width``."""
     rows, room = [], []
@@ -35,11 +21,10 @@ def first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def pack_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                   rows: list[list[int]]):
-    """Sequences laid end to end in ``rows`` (from :func:`first_fit_rows`), padding-free but for each row's tail:
-    ``input_ids`` and ``position_ids`` restarting at 0 for each sequence, which transformers' masks turn into
-    attention within each sequence alone; each token's sequence (-1: the tail) and the response tokens' mask."""
+def lay_out_rows(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, rows: list[list[int]]):
+    """The sequences of each row of ``rows`` end to end, each row's tail padded: ``input_ids``, positions restarting
+    at 0 for each sequence (and for the tail), each token's sequence (-1: the tail) and a mask of the response tokens
+    (the ones scored)."""
     width = max(sum(len(prompt_ids[s]) + len(response_ids[s]) for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros(input_ids.shape, dtype=torch.long)
@@ -55,8 +40,8 @@ def pack_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], p
             owner[r, at: at + n] = s
             scored[r, at + len(p): at + n] = True
             at += n
-        positions[r, at:] = torch.arange(width - at)  # the tail: a sequence of its own, never scored
-    return {"input_ids": input_ids, "position_ids": positions}, owner, scored
+        positions[r, at:] = torch.arange(width - at)
+    return input_ids, positions, owner, scored
 
 
 # Packing runs attention over rows twice the longest sequence, so it must save this share of the padded layout's
@@ -66,15 +51,18 @@ PACKING_MIN_SAVING = 0.05
 
 
 def sequence_layout(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int):
-    """Packed rows where the model keeps packed sequences apart (its masks come from transformers' masking utils,
-    which read sequence starts off ``position_ids``) and packing saves :data:`PACKING_MIN_SAVING` of the slots;
-    one padded row per sequence otherwise."""
+    """The model's inputs, each token's sequence and the response tokens' mask. Packed rows (``position_ids``: the
+    model's masks keep each sequence to itself) where the model's masks come from transformers' masking utils, which
+    read sequence starts off the positions, and packing saves :data:`PACKING_MIN_SAVING` of the slots; one
+    right-padded row per sequence (``attention_mask``) otherwise."""
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     rows = first_fit_rows(lengths, 2 * max(lengths))
     packed_slots = len(rows) * max(sum(lengths[s] for s in row) for row in rows)
     if _masks_from_positions(model) and packed_slots <= (1 - PACKING_MIN_SAVING) * len(lengths) * max(lengths):
-        return pack_sequences(prompt_ids, response_ids, pad_id, rows)
-    return pad_sequences(prompt_ids, response_ids, pad_id)
+        input_ids, positions, owner, scored = lay_out_rows(prompt_ids, response_ids, pad_id, rows)
+        return {"input_ids": input_ids, "position_ids": positions}, owner, scored
+    input_ids, _, owner, scored = lay_out_rows(prompt_ids, response_ids, pad_id, [[s] for s in range(len(lengths))])
+    return {"input_ids": input_ids, "attention_mask": (owner >= 0).long()}, owner, scored
 
 
 # Up to this many columns, eager attention (two bmm and a softmax) beats SDPA on CPU, whose flash-attention backward
