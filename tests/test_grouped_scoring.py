@@ -203,23 +203,33 @@ def test_no_grad_pass_scores_each_distinct_sequence_once_in_the_forwards_asked(t
                 torch.testing.assert_close(scored[name], expected[name], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prompt_lengths, response_lengths, layout", [
-    ((5, 12, 1, 7), (9, 3, 6, 0), "padded"),            # 4 rows of 15 slots; packing would save 2 of 60
-    ((5, 12, 1, 7, 3, 2), (9, 3, 6, 0, 2, 1), "packed"),  # 2 rows of 29 instead of 6 of 15
+@pytest.mark.parametrize("prompt_lengths, response_lengths, shared, layout", [
+    ((5, 12, 1, 7), (9, 3, 6, 0), (), "padded"),            # 4 rows of 15 slots; packing would save 2 of 60
+    ((5, 12, 1, 7, 3, 2), (9, 3, 6, 0, 2, 1), (), "packed"),  # 2 rows of 29 instead of 6 of 15
+    # prompts 0, 2 and 5 are one prompt, 1 and 4 another: 3 units of 23, 17 and 12 tokens in 2 rows of 29
+    ((5, 12, 5, 7, 12, 5), (9, 3, 6, 0, 2, 1), ((0, 2, 5), (1, 4)), "packed"),
 ])
-def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm, prompt_lengths, response_lengths, layout):
-    """Padded rows or packed ones (sequences end to end, positions restarting), of different prompt and response
-    lengths (one response empty), the LM head fed only the scored positions: each sequence's log-prob and the
-    gradient of their sum equal the full log-softmax of each sequence forwarded alone (fp32)."""
+def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm, prompt_lengths, response_lengths, shared,
+                                                            layout):
+    """Padded rows, or rows of units end to end (a unit: one prompt once, then each of its responses, each seeing the
+    prompt and itself), of different prompt and response lengths (one response empty), the LM head fed only the
+    scored positions: each sequence's log-prob and the gradient of their sum equal the full log-softmax of each
+    sequence forwarded alone (fp32)."""
     from nashray.trainers.logprobs import causal_lm_sequence_logprobs, sequence_layout
 
     model, scorer = tiny_llm
     g = torch.Generator().manual_seed(5)
     vocab = model.config.vocab_size
     prompts = random_tokens(g, vocab, prompt_lengths)
+    for same in shared:
+        for s in same[1:]:
+            prompts[s] = prompts[same[0]]
     responses = random_tokens(g, vocab, response_lengths)
-    inputs, _, _ = sequence_layout(model, prompts, responses, scorer.pad_id)
-    assert ("position_ids" in inputs) == (layout == "packed")
+    inputs, lay = sequence_layout(model, prompts, responses, scorer.pad_id)
+    assert inputs["attention_mask"].ndim == (4 if layout == "packed" else 2)
+    # packed: each distinct prompt's tokens go in once; padded: each sequence whole
+    prompt_tokens = sum(map(len, {tuple(p) for p in prompts} if layout == "packed" else prompts))
+    assert int((lay.unit >= 0).sum()) == prompt_tokens + sum(map(len, responses))
     model.zero_grad()
     batched = causal_lm_sequence_logprobs(model, prompts, responses, scorer.pad_id)
     batched.sum().backward()
@@ -236,6 +246,26 @@ def test_sequence_logprobs_match_each_sequence_scored_alone(tiny_llm, prompt_len
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
     assert batched[3] == 0.0
     model.zero_grad()
+
+
+def test_a_shared_prompt_is_laid_out_once_with_each_response_seeing_it_and_itself():
+    """Two responses of one prompt and a sequence of another: the unit's tokens, positions continuing from the
+    prompt's end in each response, and a mask in which the second response never sees the first."""
+    from nashray.trainers.logprobs import lay_out_units, prompt_units
+
+    prompts, responses = [[7, 8], [9], [7, 8]], [[1, 2], [3], [4]]
+    units = prompt_units(prompts)
+    assert units == [[0, 2], [1]]
+    lay = lay_out_units(prompts, responses, units, [[0, 1]], pad_id=0)
+    assert lay.input_ids.tolist() == [[7, 8, 1, 2, 4, 9, 3]]
+    assert lay.positions.tolist() == [[0, 1, 2, 3, 2, 0, 1]]
+    assert lay.branch.tolist() == [[-1, -1, 0, 0, 2, -1, 1]]
+    # (column of the hidden state, token it predicts, sequence): the prompt's last token predicts both first tokens
+    assert list(zip(lay.columns.tolist(), lay.targets.tolist(), lay.sequence.tolist())) == [
+        (1, 1, 0), (2, 2, 0), (1, 4, 2), (5, 3, 1)]
+    seen = lay.shared_prefix_mask(torch.float32)[0, 0] == 0
+    assert seen[4].tolist() == [True, True, False, False, True, False, False]  # response 2: prompt and itself
+    assert seen[6].tolist() == [False] * 5 + [True, True]  # the other unit sees nothing of the first
 
 
 def test_first_fit_rows_put_the_longest_first_and_fill_each_row():

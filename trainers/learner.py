@@ -397,13 +397,17 @@ def score_records(scorer, model, data: RoundData, idx, keys: tuple[str, ...], pr
 
 def score_sequences(scorer, model, sequences: tuple[list, list, dict[str, np.ndarray]], prefix: str,
                     forwards: int) -> dict:
-    """No-grad log-probs per record and key from ``unique_sequences``: the distinct sequences, ordered by length (a
-    forward's rows then pad little), scored in ``forwards`` forwards. Every rank must run the same number of forwards
-    of a DeepSpeed engine (ZeRO-3 gathers parameters across ranks in each): a rank with fewer distinct sequences
-    than ``forwards`` scores its first one again."""
+    """No-grad log-probs per record and key from ``unique_sequences``: the distinct sequences, a prompt's together
+    (a forward lays its prompt out once) and the prompts by their sequences' length (a forward's rows then pad
+    little), scored in ``forwards`` forwards. Every rank must run the same number of forwards of a DeepSpeed engine
+    (ZeRO-3 gathers parameters across ranks in each): a rank with fewer distinct sequences than ``forwards`` scores
+    its first one again."""
     prompts, responses, where = sequences
-    order = np.asarray(sorted(range(len(prompts)), key=lambda s: (len(prompts[s]) + len(responses[s]),
-                                                                   len(prompts[s]))), dtype=np.int64)
+    longest: dict[tuple[int, ...], int] = {}
+    for p, r in zip(prompts, responses):
+        longest[tuple(p)] = max(longest.get(tuple(p), 0), len(p) + len(r))
+    order = np.asarray(sorted(range(len(prompts)), key=lambda s: (longest[tuple(prompts[s])], tuple(prompts[s]),
+                                                                   len(responses[s]))), dtype=np.int64)
     logps = torch.zeros(len(prompts), dtype=torch.float64)
     for part in np.array_split(order, max(forwards, 1)):
         part = part if len(part) else order[:1]

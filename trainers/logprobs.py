@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
 
 def first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
-    """Sequence indices per row, longest first, each into the first row with room for it within ``width``."""
+    """Item indices per row, longest first, each into the first row with room for it within ``width``."""
     rows, room = [], []
     for s in sorted(range(len(lengths)), key=lambda s: -lengths[s]):
         row = next((i for i, free in enumerate(room) if free >= lengths[s]), None)
@@ -21,48 +22,113 @@ def first_fit_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def lay_out_rows(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, rows: list[list[int]]):
-    """The sequences of each row of ``rows`` end to end, each row's tail padded: ``input_ids``, positions restarting
-    at 0 for each sequence (and for the tail), each token's sequence (-1: the tail) and a mask of the response tokens
-    (the ones scored)."""
-    width = max(sum(len(prompt_ids[s]) + len(response_ids[s]) for s in row) for row in rows)
+def prompt_units(prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Sequence indices grouped by equal prompt, in first-seen order: a unit is one prompt and all its responses."""
+    units: dict[tuple[int, ...], list[int]] = {}
+    for s, prompt in enumerate(prompt_ids):
+        units.setdefault(tuple(prompt), []).append(s)
+    return list(units.values())
+
+
+@dataclass
+class Layout:
+    """A batch of sequences laid out for one forward.
+
+    ``input_ids`` and ``positions`` [rows, width]; per token, its ``unit`` (-1: a row's padded tail) and its
+    ``branch`` (-1: a prompt token, else the sequence whose response it is); and the scored predictions: the hidden
+    state at (``rows``, ``columns``) predicts token ``targets`` of sequence ``sequence``."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    unit: torch.Tensor
+    branch: torch.Tensor
+    rows: torch.Tensor
+    columns: torch.Tensor
+    targets: torch.Tensor
+    sequence: torch.Tensor
+
+    def shared_prefix_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive [rows, 1, width, width] attention mask of the layout: a token sees the earlier tokens of its
+        unit's prompt and of its own response, nothing else (a padded tail token sees itself)."""
+        unit, branch = self.unit, self.branch
+        causal = torch.ones(unit.shape[1], unit.shape[1], dtype=torch.bool).tril()
+        same_unit = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
+        visible = (branch[:, None, :] < 0) | (branch[:, :, None] == branch[:, None, :])
+        allowed = (causal & same_unit & visible) | torch.eye(unit.shape[1], dtype=torch.bool)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
+
+
+def lay_out_units(prompt_ids: list[list[int]], response_ids: list[list[int]], units: list[list[int]],
+                  rows: list[list[int]], pad_id: int) -> Layout:
+    """Each row's units end to end, its tail padded. A unit is its prompt once, then each of its sequences' response;
+    positions restart at 0 for every unit and each response continues from its prompt's end."""
+    sizes = [len(prompt_ids[u[0]]) + sum(len(response_ids[s]) for s in u) for u in units]
+    width = max(sum(sizes[u] for u in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros(input_ids.shape, dtype=torch.long)
-    owner = torch.full(input_ids.shape, -1, dtype=torch.long)
-    scored = torch.zeros(input_ids.shape, dtype=torch.bool)
+    unit_of = torch.full(input_ids.shape, -1, dtype=torch.long)
+    branch = torch.full(input_ids.shape, -1, dtype=torch.long)
+    rows_at, columns, targets, sequence = [], [], [], []
     for r, row in enumerate(rows):
         at = 0
-        for s in row:
-            p, y = prompt_ids[s], response_ids[s]
-            n = len(p) + len(y)
-            input_ids[r, at: at + n] = torch.tensor(list(p) + list(y), dtype=torch.long)
-            positions[r, at: at + n] = torch.arange(n)
-            owner[r, at: at + n] = s
-            scored[r, at + len(p): at + n] = True
-            at += n
+        for u in row:
+            prompt = list(prompt_ids[units[u][0]])
+            input_ids[r, at: at + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            positions[r, at: at + len(prompt)] = torch.arange(len(prompt))
+            unit_of[r, at: at + sizes[u]] = u
+            prompt_end, at = at + len(prompt), at + len(prompt)
+            for s in units[u]:
+                response = list(response_ids[s])
+                n = len(response)
+                input_ids[r, at: at + n] = torch.tensor(response, dtype=torch.long)
+                positions[r, at: at + n] = torch.arange(len(prompt), len(prompt) + n)
+                branch[r, at: at + n] = s
+                # the first response token is predicted from the prompt's last token, the others from their own
+                # previous token (a sequence without prompt has nothing to predict its first token from)
+                predictors = ([prompt_end - 1] if prompt and n else []) + list(range(at, at + n - 1))
+                rows_at += [r] * len(predictors)
+                columns += predictors
+                targets += response[n - len(predictors):]
+                sequence += [s] * len(predictors)
+                at += n
         positions[r, at:] = torch.arange(width - at)
-    return input_ids, positions, owner, scored
+
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.long)
+
+    return Layout(input_ids, positions, unit_of, branch, as_tensor(rows_at), as_tensor(columns), as_tensor(targets),
+                  as_tensor(sequence))
 
 
-# Packing runs attention over rows twice the longest sequence, so it must save this share of the padded layout's
-# token slots to pay. SmolLM2, bf16, 2 threads, forward + backward of 16 sequences of 45–84 tokens (19 % padding):
+# Rows are laid out wider than one sequence only if that saves this share of the padded layout's token slots.
+# SmolLM2, bf16, 2 threads, forward + backward of 16 sequences of 45–84 tokens with distinct prompts (19 % padding):
 # 3.67 s padded, 3.26 s packed in rows of 2× the longest (13 % fewer slots), 3.56 s at 3×, 3.60 s at 1.5×.
 PACKING_MIN_SAVING = 0.05
 
 
-def sequence_layout(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int):
-    """The model's inputs, each token's sequence and the response tokens' mask. Packed rows (``position_ids``: the
-    model's masks keep each sequence to itself) where the model's masks come from transformers' masking utils, which
-    read sequence starts off the positions, and packing saves :data:`PACKING_MIN_SAVING` of the slots; one
-    right-padded row per sequence (``attention_mask``) otherwise."""
+def sequence_layout(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
+                    ) -> tuple[dict[str, torch.Tensor], Layout]:
+    """The model's inputs and the layout behind them.
+
+    Where the model takes a custom 4D attention mask (its masks come from transformers' masking utils), the
+    sequences go by prompt: each prompt once, its responses after it, each seeing the prompt and itself alone
+    (:meth:`Layout.shared_prefix_mask`) — a prompt's K samples cost its tokens once, not K times — and these units
+    go end to end in rows of twice the longest sequence (first fit, longest first), when that saves
+    :data:`PACKING_MIN_SAVING` of the padded layout's slots. Otherwise one right-padded row per sequence."""
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    rows = first_fit_rows(lengths, 2 * max(lengths))
-    packed_slots = len(rows) * max(sum(lengths[s] for s in row) for row in rows)
-    if _masks_from_positions(model) and packed_slots <= (1 - PACKING_MIN_SAVING) * len(lengths) * max(lengths):
-        input_ids, positions, owner, scored = lay_out_rows(prompt_ids, response_ids, pad_id, rows)
-        return {"input_ids": input_ids, "position_ids": positions}, owner, scored
-    input_ids, _, owner, scored = lay_out_rows(prompt_ids, response_ids, pad_id, [[s] for s in range(len(lengths))])
-    return {"input_ids": input_ids, "attention_mask": (owner >= 0).long()}, owner, scored
+    padded_slots = len(lengths) * max(lengths)
+    if _takes_custom_masks(model):
+        units = prompt_units(prompt_ids)
+        sizes = [len(prompt_ids[u[0]]) + sum(len(response_ids[s]) for s in u) for u in units]
+        rows = first_fit_rows(sizes, max(2 * max(lengths), max(sizes)))
+        if len(rows) * max(sum(sizes[u] for u in row) for row in rows) <= (1 - PACKING_MIN_SAVING) * padded_slots:
+            layout = lay_out_units(prompt_ids, response_ids, units, rows, pad_id)
+            dtype = _transformers_model(model).get_input_embeddings().weight.dtype
+            return ({"input_ids": layout.input_ids, "position_ids": layout.positions,
+                     "attention_mask": layout.shared_prefix_mask(dtype)}, layout)
+    alone = [[s] for s in range(len(lengths))]
+    layout = lay_out_units(prompt_ids, response_ids, alone, alone, pad_id)
+    return {"input_ids": layout.input_ids, "attention_mask": (layout.unit >= 0).long()}, layout
 
 
 # Up to this many columns, eager attention (two bmm and a softmax) beats SDPA on CPU, whose flash-attention backward
@@ -76,7 +142,8 @@ def _transformers_model(model):
     return module.get_base_model() if hasattr(module, "get_base_model") else module  # peft passes kwargs through
 
 
-def _masks_from_positions(model) -> bool:
+def _takes_custom_masks(model) -> bool:
+    """Whether the model's decoder builds its masks with transformers' masking utils, which pass a 4D mask through."""
     decoder = getattr(_transformers_model(model), "base_model", None)
     return decoder is not None and hasattr(sys.modules.get(type(decoder).__module__), "create_causal_mask")
 
@@ -99,19 +166,15 @@ def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids
                                 pad_id: int) -> torch.Tensor:
     """Σ log π(y_t | x, y_<t) over each response's tokens, in float32 whatever the model's dtype; shape [B].
 
-    The sequences go in packed rows where that saves slots (:func:`sequence_layout`). The LM head with its
-    vocabulary-wide log-softmax is the widest layer of a small model, so a pre-hook on the output embeddings hands
-    it only the hidden states that predict a response token (not the prompts, not the padding).
+    The sequences are laid out by :func:`sequence_layout` (a prompt shared by its responses where the model allows).
+    The LM head with its vocabulary-wide log-softmax is the widest layer of a small model, so a pre-hook on the output
+    embeddings hands it only the hidden states that predict a response token (not the prompts, not the padding).
     log π(y_t) = logit[y_t] − logsumexp(logits)."""
     device = next(model.parameters()).device
-    inputs, owner, scored = sequence_layout(model, prompt_ids, response_ids, pad_id)
+    inputs, layout = sequence_layout(model, prompt_ids, response_ids, pad_id)
     inputs = {name: t.to(device) for name, t in inputs.items()}
-    owner, scored = owner.to(device), scored.to(device)
-    pick_cpu_attention(model, owner.shape[1], device)
-    # column c's logits predict token c + 1, a response token of the same sequence
-    rows, columns = (scored[:, 1:] & (owner[:, 1:] == owner[:, :-1])).nonzero(as_tuple=True)
-    targets = inputs["input_ids"][rows, columns + 1]
-    sequence = owner[rows, columns + 1]
+    rows, columns = layout.rows.to(device), layout.columns.to(device)
+    pick_cpu_attention(model, layout.input_ids.shape[1], device)
 
     def scored_positions_only(_head, args):
         # an index gather, so the head's matmul gets one contiguous [positions, hidden] operand
@@ -119,7 +182,7 @@ def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids
 
     hook = _transformers_model(model).get_output_embeddings().register_forward_pre_hook(scored_positions_only)
     try:
-        # no KV cache: a forward with one skips transformers' packed-sequence masks, and none is reused here
+        # no KV cache: none is reused here, and the masks are the layout's
         logits = model(**inputs, use_cache=False).logits.float()
     finally:
         hook.remove()
@@ -127,5 +190,5 @@ def causal_lm_sequence_logprobs(model, prompt_ids: list[list[int]], response_ids
         raise RuntimeError(f"{type(_transformers_model(model)).__name__} reshapes its LM head's output "
                            f"({tuple(logits.shape)} for {len(rows)} scored positions); nashray's log-probs need "
                            f"the logits as the head returns them")
-    token_logp = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
-    return torch.zeros(len(prompt_ids), device=device).index_add(0, sequence, token_logp)
+    token_logp = logits.gather(1, layout.targets.to(device).unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+    return torch.zeros(len(prompt_ids), device=device).index_add(0, layout.sequence.to(device), token_logp)
