@@ -13,7 +13,8 @@ LOOPBACK = "127.0.0.1"
 # every round of a long campaign (bench/soak.py): Ray's metrics keep a series per Ray Data dataset, ~1 MiB a round in
 # Ray Data's stats actor and 0.7 MiB in the metrics agent (ray-project/ray#43924), and the GCS keeps the events of up
 # to 100 000 tasks (Ray Data's tasks of every round), ~0.1 MiB a round.
-LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False, "task_events_max_num_task_in_gcs": 1000}
+LOCAL_SYSTEM_CONFIG = {"enable_metrics_collection": False, "task_events_max_num_task_in_gcs": 1000,
+                       "preallocate_plasma_memory": True}
 
 
 def init_local_ray(num_cpus: int | None = None, object_store_gib: float = 1.0, temp_dir: str | None = None,

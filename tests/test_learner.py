@@ -30,7 +30,7 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
 
     from nashray.cluster.config import parse_config
     from nashray.layout import CHECKPOINT_DONE
-    from nashray.trainers.learner import Learner, Probe, RoundResult
+    from nashray.trainers.learner import PROBE_RESPONSE_TOKENS, Learner, Probe, RoundResult
     from nashray.trainers.logprobs import causal_lm_sequence_logprobs
     from nashray.models import load_tokenizer
     from nashray.weights import push_state_dict
@@ -70,7 +70,8 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
         assert torch.isfinite(torch.tensor(metrics["loss"]))
         marker = json.loads((tmp_path / f"ckpt-{t}" / CHECKPOINT_DONE).read_text())
         assert marker["round"] == t and marker["metrics"]["loss"] == metrics["loss"]
-        assert len(result.probe.logprobs) == len(result.probe.prompt_ids) == 2
+        assert len(result.probe.logprobs) == len(result.probe.prompt_ids) == 1
+        assert 0 < len(result.probe.response_ids[0]) <= PROBE_RESPONSE_TOKENS
     assert results[1].metrics["loss"] < results[0].metrics["loss"]  # persistent optimizer state: round 2 continues round 1
 
     # The checkpoint is an HF folder; the pushed weights are exactly the checkpoint's.
