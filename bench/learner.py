@@ -11,13 +11,15 @@ peak they reach.
    (``deepspeed_config``, ``build_optimizer``, ``build_policy``, the online-DPO loss) times each part of a step —
    π_ref forward, policy forward, backward, optimizer step — and ``torch.profiler`` lists the top operators.
 
-FLOPs (dense-transformer approximation; attention's sequence-squared terms, under 3 % at these lengths, left out):
-with N parameters (SmolLM2 ties the LM head to the embeddings: the LM-head matmul is counted once, the embedding
-lookup is free) and T tokens processed (prompt + response of both sequences of each pair, padding excluded),
-one round of online DPO costs 2·N·T for the no-grad π_ref forward (computed once, before the first update) plus
-6·N·T for the policy's forward and backward: 8·N·T. The campaign's default ``evaluation.ranking_accuracy`` adds one
-no-grad forward by π_t (the DPO losses need no π_t of their own), 2·N·T more, counted when the round reports a
-ranking accuracy. MFU = (8 or 10)·N·T / (logprob_s + train_s) / peak.
+FLOPs, counted as the learner performs them (attention's sequence-squared terms, under 3 % at these lengths, left
+out): a forward costs 2·N_body·T + 2·N_head·S, with N_head the LM head's parameters (SmolLM2 ties it to the
+embeddings, whose lookup is free), N_body the rest, T the tokens laid out — each pair's prompt once, shared by its
+two responses, plus both responses, padding excluded — and S the scored positions (the response tokens: the head
+sees nothing else). One round of online DPO is one no-grad π_ref forward (computed once, before the first update)
+and the policy's forward and backward (3 forwards' worth): 4 forwards. The campaign's default
+``evaluation.ranking_accuracy`` adds one no-grad forward by π_t (the DPO losses need no π_t of their own), counted
+when the round reports a ranking accuracy. MFU = FLOPs / (logprob_s + train_s) / peak. ``pair_tokens`` counts what
+the pairs hold (prompt + response of both sequences), the work a pair-by-pair learner without shared prompts does.
 
     .venv/bin/python bench/learner.py [--rounds 5] [--pairs 16] [--response-tokens 48] [--threads 2] [--profile]
 
@@ -86,9 +88,22 @@ def round_records(folder: str, pairs: int, response_tokens: int, seed: int) -> l
     return records
 
 
-def processed_tokens(records: list[dict]) -> int:
-    """Tokens the forward passes see, padding excluded: prompt + response, for each of the pair's two sequences."""
+def laid_out_tokens(records: list[dict]) -> tuple[int, int]:
+    """(tokens a forward lays out, positions it scores), padding excluded: each pair's prompt once, shared by its two
+    responses, and both responses; the response tokens."""
+    responses = sum(len(r["a_ids"]) + len(r["b_ids"]) for r in records)
+    return sum(len(r["prompt_ids"]) for r in records) + responses, responses
+
+
+def pair_tokens(records: list[dict]) -> int:
+    """Prompt + response of each of a pair's two sequences: what the pairs hold."""
     return sum(2 * len(r["prompt_ids"]) + len(r["a_ids"]) + len(r["b_ids"]) for r in records)
+
+
+def forward_flops(records: list[dict], n_body: int, n_head: int) -> float:
+    """One forward over the records' sequences: 2·N_body per token laid out, 2·N_head per scored position."""
+    tokens, scored = laid_out_tokens(records)
+    return 2 * n_body * tokens + 2 * n_head * scored
 
 
 def learner_config(folder: str, args) -> "CampaignConfig":  # noqa: F821
@@ -103,7 +118,7 @@ def learner_config(folder: str, args) -> "CampaignConfig":  # noqa: F821
     })
 
 
-def bench_rounds(folder: str, args, n_params: int) -> dict:
+def bench_rounds(folder: str, args, n_body: int, n_head: int) -> dict:
     import pyarrow as pa
     import ray
     import ray.data
@@ -124,7 +139,7 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
     rounds = []
     for t in range(args.rounds):
         records = round_records(folder, args.pairs, args.response_tokens, seed=t)
-        tokens = processed_tokens(records)
+        tokens, held = laid_out_tokens(records)[0], pair_tokens(records)
         shards = ray.data.from_arrow(pa.Table.from_pylist(records)).split(1, equal=True)
         t0 = time.perf_counter()
         # One checkpoint, after the last round (storage.checkpoint_every = rounds, as in bench/end_to_end.py): a
@@ -134,8 +149,9 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
                                      checkpoint=t == args.rounds - 1).metrics
         wall = time.perf_counter() - t0
         compute_s = result["logprob_s"] + result["train_s"]
-        flops = (8 + 2 * (result.get("ranking_accuracy") is not None)) * n_params * tokens
-        row = {"round": t, "pairs": args.pairs, "steps": result["steps"], "tokens": tokens, "flops": flops,
+        flops = (4 + (result.get("ranking_accuracy") is not None)) * forward_flops(records, n_body, n_head)
+        row = {"round": t, "pairs": args.pairs, "steps": result["steps"], "tokens": tokens, "pair_tokens": held,
+               "flops": flops, "pair_tokens_per_s": held / compute_s,
                "logprob_s": result["logprob_s"], "train_s": result["train_s"], "encode_s": result.get("encode_s"),
                "round_wall_s": wall, "checkpoint_and_other_s": wall - compute_s - (result.get("encode_s") or 0),
                "tokens_per_s": tokens / compute_s, "train_tokens_per_s_reported": result["train_tokens_per_s"],
@@ -150,7 +166,7 @@ def bench_rounds(folder: str, args, n_params: int) -> dict:
     return {"learner_start_s": round(start_s, 1), "workers": workers, "rounds": rounds,
             "measured_rounds": [r["round"] for r in measured],
             **{key: spread([r[key] for r in measured]) for key in
-               ("tokens_per_s", "gflops_per_s", "logprob_s", "train_s", "round_wall_s", "checkpoint_and_other_s",
+               ("tokens_per_s", "pair_tokens_per_s", "gflops_per_s", "logprob_s", "train_s", "round_wall_s", "checkpoint_and_other_s",
                 "pairs_per_s")},
             "peak_rss_mib": peaks}
 
@@ -161,7 +177,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
+def profile_step(folder: str, args, n_body: int, n_head: int, peak_gflops: float) -> dict:
     """The learner's DeepSpeed engine built here (one process, gloo), each part of an online-DPO step timed."""
     import numpy as np
     import torch
@@ -188,7 +204,7 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
                       for name in ("prompt_ids", "a_ids", "b_ids", "x_ids", "target", "a_score", "b_score")})
     parts: dict[str, list[float]] = {"ref_forward_s": [], "policy_forward_s": [], "backward_s": [],
                                      "optimizer_step_s": []}
-    tokens_per_step = []
+    tokens_per_step, flops_per_step = [], []
 
     def one_step(idx):
         t0 = time.perf_counter()
@@ -211,7 +227,8 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
         idx = np.arange(step * mbs, (step + 1) * mbs)
         for name, value in zip(parts, one_step(idx)):
             parts[name].append(value)
-        tokens_per_step.append(processed_tokens([records[i] for i in idx]))
+        tokens_per_step.append(laid_out_tokens([records[i] for i in idx])[0])
+        flops_per_step.append(forward_flops([records[i] for i in idx], n_body, n_head))
     # What a round pays after training: the learner's checkpoint (DeepSpeed state with the optimizer, HF weights)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="nashray-bench-ckpt-"))
     t0 = time.perf_counter()
@@ -229,14 +246,14 @@ def profile_step(folder: str, args, n_params: int, peak_gflops: float) -> dict:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     ops = [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 4), "calls": e.count}
            for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]]
-    tokens = median(tokens_per_step)
+    tokens, forward = median(tokens_per_step), median(flops_per_step)
     med = {name: median(values) for name, values in parts.items()}
     fwd_bwd = med["policy_forward_s"] + med["backward_s"]
     result = {"steps": args.profile_steps, "tokens_per_step": tokens, **{k: spread(v) for k, v in parts.items()},
               "step_s": spread([sum(v) for v in zip(*parts.values())]),
-              "mfu_ref_forward": 2 * n_params * tokens / med["ref_forward_s"] / 1e9 / peak_gflops,
-              "mfu_policy_forward_backward": 6 * n_params * tokens / fwd_bwd / 1e9 / peak_gflops,
-              "mfu_whole_step": 8 * n_params * tokens / sum(med.values()) / 1e9 / peak_gflops,
+              "mfu_ref_forward": forward / med["ref_forward_s"] / 1e9 / peak_gflops,
+              "mfu_policy_forward_backward": 3 * forward / fwd_bwd / 1e9 / peak_gflops,
+              "mfu_whole_step": 4 * forward / sum(med.values()) / 1e9 / peak_gflops,
               "optimizer_step_share": med["optimizer_step_s"] / sum(med.values()),
               "checkpoint": {"deepspeed_save_s": round(deepspeed_save_s, 2), "hf_save_s": round(hf_save_s, 2),
                              "bytes": checkpoint_bytes},
@@ -266,21 +283,29 @@ def main() -> None:
     state = model.state_dict()
     tied = find_tied(state)
     n_params = sum(t.numel() for k, t in state.items() if k not in tied)
+    n_head = model.get_output_embeddings().weight.numel()  # tied: also the embeddings, whose lookup is free
+    n_body = n_params - n_head
     del model, state
 
     peak = {"bfloat16": matmul_peak(args.threads, "bfloat16"), "float32": matmul_peak(args.threads, "float32")}
     print("matmul peak", {k: round(v["gflops"], 1) for k, v in peak.items()}, flush=True)
-    rounds = bench_rounds(folder, args, n_params)
+    rounds = bench_rounds(folder, args, n_body, n_head)
     peak_gflops = peak["bfloat16"]["gflops"]
     mfu = rounds["gflops_per_s"]["median"] / peak_gflops
     run.result.update(model=folder, n_params=n_params, matmul_peak=peak, learner=rounds, mfu=round(mfu, 4),
-                      flops_formula="8·N·T per online-DPO round: 2·N·T (π_ref forward, no grad) + 6·N·T (policy "
-                                    "forward + backward); N = parameters (tied LM head once), T = prompt + response "
-                                    "tokens of both sequences of every pair, padding excluded",
+                      n_body=n_body, n_head=n_head,
+                      flops_formula="(4, or 5 with the ranking forward) forwards per online-DPO round, each "
+                                    "2·N_body·T + 2·N_head·S: π_ref forward (no grad) + policy forward and backward "
+                                    "(3 forwards' worth); T = tokens laid out (each pair's prompt once, shared by its "
+                                    "two responses, plus both responses, padding excluded), S = response tokens (the "
+                                    "LM head's positions), N_head = the tied LM head, N_body = the other parameters",
                       measures={"tokens_per_s": "T / (logprob_s + train_s) of a round, as the learner reports them "
-                                                "(checkpoint save and weight encoding excluded, listed apart)"})
+                                                "(checkpoint save and weight encoding excluded, listed apart)",
+                                "pair_tokens_per_s": "prompt + response of both sequences of every pair / (logprob_s "
+                                                     "+ train_s): what a learner forwarding each sequence whole "
+                                                     "would have processed"})
     if args.profile:
-        run.result["profile"] = profile_step(folder, args, n_params, peak_gflops)
+        run.result["profile"] = profile_step(folder, args, n_body, n_head, peak_gflops)
     run.result["summary"] = [
         summary_row("learner tokens/s, SmolLM2-135M bf16 online DPO (DeepSpeed, 1 worker)",
                     rounds["tokens_per_s"]["median"], None, "tokens/s",
