@@ -285,15 +285,21 @@ class VLLMWorkerExtension:
 def _refresh_tied_lm_head(model) -> None:
     """vLLM-CPU computes a packed GEMM copy of the embedding/LM-head weight after loading; a reload redoes it for the
     layers it loaded, not for an LM head tied to the embeddings (it loads nothing), whose copy would keep the old
-    weights. Redoing it is idempotent (the weight itself is kept) and a no-op on GPUs."""
+    weights. The embeddings' own copy, of the same weight, was just redone by the reload: the head takes that one
+    (packing SmolLM2's 49 152 × 576 weight again cost ~0.03 s a push). Without one (GPUs; nothing packed) the head's
+    processing reruns, which is idempotent (the weight itself is kept) and a no-op on GPUs."""
     from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
                                                                      VocabParallelEmbedding)
     modules = list(model.modules())
-    embeddings = {m.weight.data_ptr() for m in modules
+    embeddings = {m.weight.data_ptr(): m for m in modules
                   if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
     for module in modules:
-        if (isinstance(module, ParallelLMHead) and module.weight.data_ptr() in embeddings
-                and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod)):
+        embedding = embeddings.get(module.weight.data_ptr()) if isinstance(module, ParallelLMHead) else None
+        if embedding is None or not isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            continue
+        if hasattr(embedding, "cpu_linear"):
+            module.cpu_linear = embedding.cpu_linear
+        else:
             module.quant_method.process_weights_after_loading(module)
 
 
