@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
 
     from nashray.cluster.config import parse_config
     from nashray.layout import CHECKPOINT_DONE
-    from nashray.trainers.learner import PROBE_RESPONSE_TOKENS, Learner, Probe, RoundResult
+    from nashray.trainers.learner import (LEARNER_MALLOC_TUNABLES, PROBE_RESPONSE_TOKENS, Learner, Probe,
+                                          RoundResult)
     from nashray.trainers.logprobs import causal_lm_sequence_logprobs
     from nashray.models import load_tokenizer
     from nashray.weights import push_state_dict
@@ -55,6 +57,12 @@ def test_learner_trains_rounds_checkpoints_and_pushes(ray_cluster, tiny_model_di
 
     learner = Learner(cfg, tmp_path)
     try:
+        # every worker process starts with the learner's malloc settings (read by glibc at process start only; glibc
+        # leaves the tunables it parsed NUL-separated in the process's environment block)
+        for worker in learner.workers():
+            environ = b"\0" + Path(f"/proc/{worker['pid']}/environ").read_bytes()
+            assert any(f"\0GLIBC_TUNABLES={LEARNER_MALLOC_TUNABLES.replace(':', sep)}\0".encode() in environ
+                       for sep in (":", "\0"))
         results = []
         for t in range(2):  # the same DeepSpeed engine serves both rounds
             ds = ray.data.from_items(rows)
