@@ -100,9 +100,8 @@ def pair_tokens(records: list[dict]) -> int:
     return sum(2 * len(r["prompt_ids"]) + len(r["a_ids"]) + len(r["b_ids"]) for r in records)
 
 
-def forward_flops(records: list[dict], n_body: int, n_head: int) -> float:
-    """One forward over the records' sequences: 2·N_body per token laid out, 2·N_head per scored position."""
-    tokens, scored = laid_out_tokens(records)
+def forward_flops(tokens: int, scored: int, n_body: int, n_head: int) -> float:
+    """One forward: 2·N_body per token laid out, 2·N_head per scored position (``laid_out_tokens``)."""
     return 2 * n_body * tokens + 2 * n_head * scored
 
 
@@ -139,7 +138,7 @@ def bench_rounds(folder: str, args, n_body: int, n_head: int) -> dict:
     rounds = []
     for t in range(args.rounds):
         records = round_records(folder, args.pairs, args.response_tokens, seed=t)
-        tokens, held = laid_out_tokens(records)[0], pair_tokens(records)
+        (tokens, scored), held = laid_out_tokens(records), pair_tokens(records)
         shards = ray.data.from_arrow(pa.Table.from_pylist(records)).split(1, equal=True)
         t0 = time.perf_counter()
         # One checkpoint, after the last round (storage.checkpoint_every = rounds, as in bench/end_to_end.py): a
@@ -149,7 +148,7 @@ def bench_rounds(folder: str, args, n_body: int, n_head: int) -> dict:
                                      checkpoint=t == args.rounds - 1).metrics
         wall = time.perf_counter() - t0
         compute_s = result["logprob_s"] + result["train_s"]
-        flops = (4 + (result.get("ranking_accuracy") is not None)) * forward_flops(records, n_body, n_head)
+        flops = (4 + (result.get("ranking_accuracy") is not None)) * forward_flops(tokens, scored, n_body, n_head)
         row = {"round": t, "pairs": args.pairs, "steps": result["steps"], "tokens": tokens, "pair_tokens": held,
                "flops": flops, "pair_tokens_per_s": held / compute_s,
                "logprob_s": result["logprob_s"], "train_s": result["train_s"], "encode_s": result.get("encode_s"),
@@ -166,8 +165,8 @@ def bench_rounds(folder: str, args, n_body: int, n_head: int) -> dict:
     return {"learner_start_s": round(start_s, 1), "workers": workers, "rounds": rounds,
             "measured_rounds": [r["round"] for r in measured],
             **{key: spread([r[key] for r in measured]) for key in
-               ("tokens_per_s", "pair_tokens_per_s", "gflops_per_s", "logprob_s", "train_s", "round_wall_s", "checkpoint_and_other_s",
-                "pairs_per_s")},
+               ("tokens_per_s", "pair_tokens_per_s", "gflops_per_s", "logprob_s", "train_s", "round_wall_s",
+                "checkpoint_and_other_s", "pairs_per_s")},
             "peak_rss_mib": peaks}
 
 
@@ -227,8 +226,9 @@ def profile_step(folder: str, args, n_body: int, n_head: int, peak_gflops: float
         idx = np.arange(step * mbs, (step + 1) * mbs)
         for name, value in zip(parts, one_step(idx)):
             parts[name].append(value)
-        tokens_per_step.append(laid_out_tokens([records[i] for i in idx])[0])
-        flops_per_step.append(forward_flops([records[i] for i in idx], n_body, n_head))
+        tokens, scored = laid_out_tokens([records[i] for i in idx])
+        tokens_per_step.append(tokens)
+        flops_per_step.append(forward_flops(tokens, scored, n_body, n_head))
     # What a round pays after training: the learner's checkpoint (DeepSpeed state with the optimizer, HF weights)
     checkpoint_dir = Path(tempfile.mkdtemp(prefix="nashray-bench-ckpt-"))
     t0 = time.perf_counter()

@@ -62,7 +62,7 @@ SCORE_CHUNK = 16  # sequences per forward of a ScoreSequences message: bounds th
 # Ray Train runs the training loop in a Python thread, to which glibc gives an arena of its own whose heaps go back
 # to the kernel as soon as they empty, and any block over 32 MiB (the LM head's logits) is mmap'd afresh: every step
 # page-faulted its activations in again. SmolLM2 end-to-end rounds (AVX512-BF16, 2 cores), one training step of 16
-# sequences: 4.0–6.7 s with 0.9–4.2 s of it in the kernel → 3.5–4.1 s with 0.1–0.7 s. The heap then stays at the
+# sequences: 4.0–6.7 s with 0.9–4.2 s of it in the kernel → 3.3–4.3 s with 0.1–0.7 s. The heap then stays at the
 # learner's peak, which it reaches every round anyway. Read at process start; other C libraries ignore it.
 LEARNER_MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                            f"glibc.malloc.trim_threshold={16 * 2**30}")

@@ -58,11 +58,16 @@ class Layout:
         return mask[:, None]
 
 
+def unit_sizes(prompt_ids: list[list[int]], response_ids: list[list[int]], units: list[list[int]]) -> list[int]:
+    """Tokens each unit lays out: its prompt once and each of its responses."""
+    return [len(prompt_ids[u[0]]) + sum(len(response_ids[s]) for s in u) for u in units]
+
+
 def lay_out_units(prompt_ids: list[list[int]], response_ids: list[list[int]], units: list[list[int]],
                   rows: list[list[int]], pad_id: int) -> Layout:
     """Each row's units end to end, its tail padded. A unit is its prompt once, then each of its sequences' response;
     positions restart at 0 for every unit and each response continues from its prompt's end."""
-    sizes = [len(prompt_ids[u[0]]) + sum(len(response_ids[s]) for s in u) for u in units]
+    sizes = unit_sizes(prompt_ids, response_ids, units)
     width = max(sum(sizes[u] for u in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros(input_ids.shape, dtype=torch.long)
@@ -76,7 +81,8 @@ def lay_out_units(prompt_ids: list[list[int]], response_ids: list[list[int]], un
             input_ids[r, at: at + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
             positions[r, at: at + len(prompt)] = torch.arange(len(prompt))
             unit_of[r, at: at + sizes[u]] = u
-            prompt_end, at = at + len(prompt), at + len(prompt)
+            at += len(prompt)
+            prompt_end = at
             for s in units[u]:
                 response = list(response_ids[s])
                 n = len(response)
@@ -119,7 +125,7 @@ def sequence_layout(model, prompt_ids: list[list[int]], response_ids: list[list[
     padded_slots = len(lengths) * max(lengths)
     if _takes_custom_masks(model):
         units = prompt_units(prompt_ids)
-        sizes = [len(prompt_ids[u[0]]) + sum(len(response_ids[s]) for s in u) for u in units]
+        sizes = unit_sizes(prompt_ids, response_ids, units)
         rows = first_fit_rows(sizes, max(2 * max(lengths), max(sizes)))
         if len(rows) * max(sum(sizes[u] for u in row) for row in rows) <= (1 - PACKING_MIN_SAVING) * padded_slots:
             layout = lay_out_units(prompt_ids, response_ids, units, rows, pad_id)
